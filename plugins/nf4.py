@@ -1,0 +1,46 @@
+"""Quant strategy: the base model's linear layers in 4 bits through bitsandbytes (NF4 + double quant).
+
+Reads the ``quant.*`` keys (the seed guide's ``BitsAndBytesConfig`` arguments) and, after loading,
+runs PEFT's k-bit preparation so the 4-bit model can be trained through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlora_core import hookimpl
+
+
+@hookimpl
+def qlora_quantization_config(config, compute_dtype) -> dict[str, Any]:
+    if not config["quant.load_in_4bit"]:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config["quant.bnb_4bit_quant_type"],
+            bnb_4bit_use_double_quant=config["quant.bnb_4bit_use_double_quant"],
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=getattr(torch, config["quant.bnb_4bit_quant_storage"]),
+        )
+    }
+
+
+@hookimpl(tryfirst=True)
+def qlora_prepare_model(model, config) -> None:
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    from peft import prepare_model_for_kbit_training
+
+    for module in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights on CPUs with AVX512-BF16 at the first eval-mode forward,
+        # into a layout whose kernel has no autograd: training after an evaluation would then silently
+        # stop gradients at every 4-bit layer. Training needs the differentiable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+    # Gradient checkpointing is its own plugin (on by default), so it is not switched on here.
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

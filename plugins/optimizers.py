@@ -1,0 +1,35 @@
+"""Optimizers: paged AdamW in 8 or 32 bits (bitsandbytes) and torch's AdamW.
+
+Each is its own plugin (``paged-adamw-8bit``, the default, ``paged-adamw-32bit``, ``adamw``), picked with
+``--plugin NAME`` or ``train.optim: paged_adamw_32bit``.
+"""
+
+from __future__ import annotations
+
+from qlora_core import hookimpl
+
+
+class AdamWPlugin:
+    """An AdamW optimizer plugin; ``kind`` names the bitsandbytes class or ``"torch"``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    @hookimpl
+    def qlora_optimizer(self, params, config):
+        kwargs = {"lr": config["train.learning_rate"], "weight_decay": config["train.weight_decay"]}
+        if self.kind == "torch":
+            import torch
+
+            return torch.optim.AdamW(params, **kwargs)
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, self.kind)(params, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AdamWPlugin({self.kind!r})"
+
+
+paged_adamw_8bit = AdamWPlugin("PagedAdamW8bit")
+paged_adamw_32bit = AdamWPlugin("PagedAdamW32bit")
+adamw = AdamWPlugin("torch")

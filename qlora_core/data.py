@@ -1,0 +1,154 @@
+"""Loading datasets, choosing their format, and turning rows into token ids with loss masks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .errors import UsageError
+from .types import DatasetFormat, FormattedExample
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+    from .config import Config
+
+IGNORE_INDEX = -100
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(path: str, split: str | None) -> "datasets.DatasetDict | datasets.Dataset":
+    """Load a local json/jsonl/csv/parquet file or folder, or a hub dataset id, with ``datasets``.
+
+    :param split: the split to return, or ``None`` for every split (a ``DatasetDict``).
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            builder = _BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                raise UsageError(
+                    f"data file {path!r} has an unknown type; use .json, .jsonl, .csv or .parquet")
+            # A single file is one split, named "train" by datasets.
+            loaded = datasets.load_dataset(builder, data_files={"train": str(p)})
+        elif p.is_dir():
+            loaded = datasets.load_dataset(str(p))
+        elif os.sep in path or path.startswith(".") or Path(path).suffix.lower() in _BUILDERS:
+            raise UsageError(f"data path {path!r} does not exist")
+        else:
+            loaded = datasets.load_dataset(path)
+    except UsageError:
+        raise
+    except Exception as e:  # datasets raises many kinds; the user needs the path and the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load dataset {path!r}: {reason}") from None
+    if split is None:
+        return loaded
+    if split not in loaded:
+        raise UsageError(
+            f"dataset {path!r} has no split {split!r}; it has: {', '.join(loaded)} (set data.split)")
+    return loaded[split]
+
+
+def choose_format(formats: Sequence[DatasetFormat], columns: Sequence[str], wanted: str | None,
+                  forced: bool = False) -> DatasetFormat:
+    """Pick the dataset format: by name, forced (a requested formatter plugin), or detected from columns."""
+    known = ", ".join(f"{f.name} ({' + '.join(f.fields)})" for f in formats) or "none"
+    if wanted is not None:
+        for f in formats:
+            if f.name == wanted:
+                if not f.matches(columns):
+                    raise UsageError(
+                        f"dataset has fields {', '.join(columns)} but format {f.name!r} needs "
+                        f"{', '.join(f.fields)}")
+                return f
+        raise UsageError(f"data.format {wanted!r} is not a known format; known: {known}")
+    if forced and len(formats) == 1:
+        f = formats[0]
+        if not f.matches(columns):
+            raise UsageError(
+                f"dataset has fields {', '.join(columns)} but format {f.name!r} needs {', '.join(f.fields)}")
+        return f
+    for f in formats:
+        if f.matches(columns):
+            return f
+    raise UsageError(
+        f"dataset fields {', '.join(columns) or '(none)'} fit no known format; known formats: {known}")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_target_tokens(self) -> int:
+        # Labels are compared with the next token's prediction, so the first label never counts.
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+
+def tokenize_example(example: FormattedExample, tokenizer: Any, max_seq_length: int,
+                     train_on_prompt: bool = False) -> TokenizedExample:
+    """Tokenize a formatted example; tokens outside its answer spans get the label ``-100``.
+
+    A token counts as part of an answer when its characters overlap an answer span. The result is
+    truncated to ``max_seq_length`` tokens.
+    """
+    enc = tokenizer(example.text, return_offsets_mapping=True, add_special_tokens=example.add_special_tokens,
+                    truncation=True, max_length=max_seq_length)
+    ids = list(enc["input_ids"])
+    if train_on_prompt:
+        return TokenizedExample(ids, list(ids))
+    spans = example.train_spans
+    labels = []
+    for tok, (s, e) in zip(ids, enc["offset_mapping"]):
+        inside = any(s < se and e > ss for ss, se in spans) if e > s else False
+        labels.append(tok if inside else IGNORE_INDEX)
+    return TokenizedExample(ids, labels)
+
+
+def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> "dict[str, torch.Tensor]":
+    """Right-pad a micro-batch; padding is masked out of attention and loss."""
+    import torch
+
+    width = max(len(x.input_ids) for x in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x.input_ids)
+        ids[i, :n] = torch.tensor(x.input_ids)
+        labels[i, :n] = torch.tensor(x.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config",
+                  what: str) -> list[TokenizedExample]:
+    """Format and tokenize every row; rows that end up with no answer tokens are dropped."""
+    out = []
+    dropped = 0
+    for i, row in enumerate(rows):
+        try:
+            formatted = fmt.format(row, tokenizer)
+        except UsageError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{what} row {i} does not fit format {fmt.name!r}: {type(e).__name__}: {e}") from None
+        tok = tokenize_example(formatted, tokenizer, config["train.max_seq_length"], config["data.train_on_prompt"])
+        if tok.num_target_tokens == 0:
+            dropped += 1
+            continue
+        out.append(tok)
+    if not out:
+        raise UsageError(
+            f"{what}: no row has answer tokens within train.max_seq_length={config['train.max_seq_length']} "
+            f"({dropped} dropped); raise train.max_seq_length or check the data")
+    return out

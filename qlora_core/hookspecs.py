@@ -1,0 +1,273 @@
+"""The hooks a qlora plugin can implement.
+
+Every hook is prefixed ``qlora_``. A plugin is any module or object with functions marked by
+:data:`qlora_core.hookimpl`; it takes part in a run only when it is a default or the run asks for it
+(``--plugin NAME`` or the config's ``plugins:`` list).
+
+Hooks are grouped by the stage of a run at which they are called, in that order:
+
+1. set-up: :func:`qlora_config_options`, :func:`qlora_configure`
+2. model: :func:`qlora_resolve_model`, :func:`qlora_quantization_config`, :func:`qlora_prepare_model`,
+   :func:`qlora_adapter_targets`
+3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
+4. optimizer: :func:`qlora_optimizer`
+5. training events (callbacks): :func:`qlora_on_train_start`, :func:`qlora_on_step_end`,
+   :func:`qlora_on_evaluate`, :func:`qlora_on_sample`, :func:`qlora_on_save`, :func:`qlora_on_train_end`
+6. export: :func:`qlora_export`
+
+Four concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
+(:func:`qlora_adapter_targets`), optimizer (:func:`qlora_optimizer`) and dataset format
+(:func:`qlora_dataset_formats`). A plugin the run asks for replaces the defaults that implement the same
+hook; two requested plugins implementing the same single-choice hook are an error naming both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from .config import Config, Option
+    from .types import DatasetFormat, Run
+
+hookspec = pluggy.HookspecMarker("qlora")
+
+# Hooks that decide one single-choice concern each, with the concern's name for messages.
+SINGLE_CHOICE_HOOKS: dict[str, str] = {
+    "qlora_quantization_config": "quantization",
+    "qlora_adapter_targets": "adapter targeting",
+    "qlora_optimizer": "optimizer",
+    "qlora_dataset_formats": "dataset format",
+}
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@hookspec
+def qlora_config_options() -> "list[Option]":
+    """Declare the config keys this plugin reads, so they are validated like the core's.
+
+    Keys are dotted (``"fsdp.sharding_strategy"``) and must not clash with another plugin's.
+
+    :returns: a list of :class:`qlora_core.config.Option`.
+
+    Every plugin's result is used.
+    """
+
+
+@hookspec
+def qlora_configure(config: "Config", device: str) -> None:
+    """Adjust or check the validated config before anything is loaded.
+
+    Raise :class:`qlora_core.errors.UsageError` (or ``ConfigError``) to reject a combination.
+
+    :param config: the validated config; plugins may set values with ``config.set(key, value)``.
+    :param device: ``"cpu"`` or ``"cuda"``: where the run will compute.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+# --------------------------------------------------------------------------- model
+
+
+@hookspec(firstresult=True)
+def qlora_resolve_model(name_or_path: str, config: "Config") -> "str | None":
+    """Map ``model.name_or_path`` to something ``from_pretrained`` can load (a folder or a hub id).
+
+    :param name_or_path: the configured model name.
+    :param config: the config.
+    :returns: a local folder or hub id, or ``None`` to leave the name to the next plugin
+        (and, finally, to transformers as it is).
+
+    The first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_quantization_config(config: "Config", compute_dtype: "torch.dtype") -> "dict[str, Any] | None":
+    """Choose how the base model's weights are quantized when loaded (the quant strategy).
+
+    :param config: the config (``quant.*`` keys).
+    :param compute_dtype: the dtype the run computes in (bfloat16 on a GPU that supports it, else float32).
+    :returns: keyword arguments for ``AutoModelForCausalLM.from_pretrained``, usually
+        ``{"quantization_config": BitsAndBytesConfig(...)}``; ``{}`` loads the model unquantized.
+
+    The first non-None result wins; it is a single-choice concern.
+    """
+
+
+@hookspec
+def qlora_prepare_model(model: "torch.nn.Module", config: "Config") -> None:
+    """Prepare the loaded base model for training, before adapters are added (k-bit preparation,
+    gradient checkpointing, ...). Modify the model in place.
+
+    :param model: the loaded base model.
+    :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called; quantization preparation is ``tryfirst``.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_adapter_targets(model: "torch.nn.Module", config: "Config") -> "list[str] | None":
+    """Choose the modules that receive LoRA adapters.
+
+    :param model: the prepared base model.
+    :param config: the config (``lora.*`` keys).
+    :returns: module names (suffixes as PEFT's ``target_modules`` takes them).
+
+    The first non-None result wins; it is a single-choice concern.
+    """
+
+
+# --------------------------------------------------------------------------- data
+
+
+@hookspec(firstresult=True)
+def qlora_resolve_data(path: str, config: "Config") -> "str | None":
+    """Map ``data.path`` (or ``data.eval_path``) to a local file, folder or hub dataset id.
+
+    :param path: the configured path.
+    :param config: the config.
+    :returns: the path to load, or ``None`` to load ``path`` as it is.
+
+    The first non-None result wins.
+    """
+
+
+@hookspec
+def qlora_dataset_formats(config: "Config") -> "Sequence[DatasetFormat]":
+    """Offer dataset formats (how rows become text, and which parts of it the loss covers).
+
+    When the run names no format (``data.format`` or a requested formatter plugin), the first offered
+    format whose :meth:`~qlora_core.types.DatasetFormat.matches` accepts the dataset's columns is used.
+
+    :param config: the config.
+    :returns: a sequence of :class:`qlora_core.types.DatasetFormat`.
+
+    Every plugin's result is used; a requested formatter plugin replaces the default ones.
+    """
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+@hookspec(firstresult=True)
+def qlora_optimizer(params: "list[torch.nn.Parameter]", config: "Config") -> "torch.optim.Optimizer | None":
+    """Build the optimizer for the trainable parameters.
+
+    :param params: the trainable parameters (the adapters).
+    :param config: the config (``train.learning_rate``, ``train.weight_decay``, ``optim.*``).
+    :returns: a ``torch.optim.Optimizer``.
+
+    The first non-None result wins; it is a single-choice concern.
+    """
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+@hookspec
+def qlora_on_train_start(run: "Run") -> None:
+    """Training is about to start: the model, data and optimizer are ready.
+
+    :param run: the run (``max_steps``, ``num_train_examples``, ``config``, ...).
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process; check ``run.is_main_process`` before
+    writing or printing.
+    """
+
+
+@hookspec
+def qlora_on_step_end(run: "Run", metrics: "dict[str, float]") -> None:
+    """An optimizer step has finished.
+
+    :param run: the run; ``run.step`` is the step just taken.
+    :param metrics: ``step``, ``loss`` (mean over target tokens of the step), ``learning_rate``,
+        ``grad_norm``, ``tokens`` (tokens in the step), ``tokens_per_second``, ``epoch``, ``elapsed``
+        and, on a GPU, ``gpu_memory_gib``.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_evaluate(run: "Run", metrics: "dict[str, float]") -> None:
+    """An evaluation on the held-out data has finished.
+
+    :param run: the run.
+    :param metrics: ``step``, ``eval_loss``, ``eval_perplexity``, ``eval_tokens``.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_sample(run: "Run", stage: str, prompt: str, completion: str, reference: str) -> None:
+    """A sample answer was generated from a held-out prompt (before and after training).
+
+    :param run: the run.
+    :param stage: ``"before"`` or ``"after"`` training.
+    :param prompt: the prompt given to the model.
+    :param completion: the model's answer.
+    :param reference: the answer in the data.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_save(run: "Run", path: "Path") -> None:
+    """Something was saved (an export or checkpoint) under ``path``.
+
+    :param run: the run.
+    :param path: the folder written.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_train_end(run: "Run", summary: "dict[str, Any]") -> None:
+    """Training has finished (successfully).
+
+    :param run: the run.
+    :param summary: ``steps``, ``train_loss`` (last logged), ``first_loss``, ``eval_loss_before``,
+        ``eval_loss_after``, ``train_seconds``, ``tokens_per_second`` and, on a GPU, ``peak_gpu_memory_gib``.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+# --------------------------------------------------------------------------- export
+
+
+@hookspec
+def qlora_export(run: "Run", model: "torch.nn.Module", tokenizer: Any, output_dir: "Path") -> "Path | None":
+    """Write the trained result in a format other tools load.
+
+    Called on the main process only, after training.
+
+    :param run: the run.
+    :param model: the trained PEFT model.
+    :param tokenizer: the tokenizer.
+    :param output_dir: the run's folder; write into a sub-folder of it.
+    :returns: the folder written, or ``None``.
+
+    Every plugin's implementation is called.
+    """

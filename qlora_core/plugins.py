@@ -1,0 +1,253 @@
+"""Finding, loading and combining plugins.
+
+Built-in plugins are entry points of the ``qlora`` group, loaded by the same code as third-party ones.
+Only the defaults plus the plugins a run asks for take part in it: installing a package never changes a
+run by itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+ENTRY_POINT_GROUP = "qlora"
+
+#: Plugins that take part in every run unless turned off with ``--plugin no:NAME``.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "embedded",
+    "nf4",
+    "all-linear",
+    "paged-adamw-8bit",
+    "gradient-checkpointing",
+    "guanaco-format",
+    "alpaca-format",
+    "chat-format",
+    "rich-progress",
+    "adapter-export",
+)
+
+
+@dataclass
+class PluginInfo:
+    """A loaded plugin and where it came from."""
+
+    name: str
+    plugin: Any
+    source: str  # "entry point", "module" or "file"
+    distribution: str | None = None
+    version: str | None = None
+    default: bool = False
+    hooks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "distribution": self.distribution,
+                "version": self.version, "default": self.default, "hooks": list(self.hooks)}
+
+
+def entry_points() -> dict[str, md.EntryPoint]:
+    """Installed entry points of the ``qlora`` group, by name."""
+    return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def implemented_hooks(plugin: Any) -> list[str]:
+    """Names of the ``qlora_`` hooks a plugin object marks as implementations."""
+    names = []
+    for attr in dir(plugin):
+        if attr.startswith("qlora_") and hasattr(getattr(plugin, attr, None), "qlora_impl"):
+            names.append(attr)
+    return sorted(names)
+
+
+def _module_distribution(module_name: str) -> tuple[str | None, str | None]:
+    top = module_name.split(".")[0]
+    dists = md.packages_distributions().get(top) or []
+    if not dists:
+        return None, None
+    try:
+        return dists[0], md.version(dists[0])
+    except md.PackageNotFoundError:
+        return dists[0], None
+
+
+def _import_failure(name: str, exc: BaseException) -> PluginError:
+    return PluginError(f'error importing plugin "{name}": {type(exc).__name__}: {exc}')
+
+
+def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> PluginInfo:
+    """Load one plugin by entry-point name, dotted module path (``pkg.mod`` or ``pkg.mod:obj``) or ``.py`` file."""
+    eps = entry_points() if eps is None else eps
+    if name in eps:
+        ep = eps[name]
+        try:
+            obj = ep.load()
+        except Exception as e:
+            raise _import_failure(name, e) from None
+        dist = ep.dist
+        return PluginInfo(name, obj, "entry point", dist.name if dist else None, dist.version if dist else None)
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise PluginError(f"plugin file {name!r} not found")
+        mod_name = f"qlora_file_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise _import_failure(name, e) from None
+        return PluginInfo(path.stem, module, "file")
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            known = ", ".join(sorted(eps)) or "none"
+            raise PluginError(
+                f"unknown plugin {name!r}: not an installed plugin (installed: {known}), "
+                f"an importable module or a .py file") from None
+        raise _import_failure(name, e) from None
+    except Exception as e:
+        raise _import_failure(name, e) from None
+    obj: Any = module
+    if attr:
+        try:
+            obj = getattr(module, attr)
+        except AttributeError:
+            raise PluginError(f"plugin {name!r}: module {module_name} has no attribute {attr!r}") from None
+    dist, version = _module_distribution(module_name)
+    return PluginInfo(name, obj, "module", dist, version)
+
+
+def parse_plugin_args(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split ``--plugin`` values into (requested, blocked); duplicates are dropped, order kept."""
+    requested: list[str] = []
+    blocked: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        target = blocked if name.startswith("no:") else requested
+        value = name[3:] if name.startswith("no:") else name
+        if value not in target:
+            target.append(value)
+    both = set(requested) & set(blocked)
+    if both:
+        n = sorted(both)[0]
+        raise PluginError(f"plugin {n!r} is both requested and turned off (no:{n}); keep one")
+    return requested, blocked
+
+
+class PluginSet:
+    """The plugins that take part in one run, registered with a pluggy manager (``.hook``)."""
+
+    def __init__(self, infos: Sequence[PluginInfo]):
+        self.pm = pluggy.PluginManager("qlora")
+        self.pm.add_hookspecs(hookspecs)
+        self.infos = list(infos)
+        # Later registrations are called first: defaults go in first so that requested plugins win.
+        for info in sorted(self.infos, key=lambda i: not i.default):
+            try:
+                self.pm.register(info.plugin, name=info.name)
+            except pluggy.PluginValidationError as e:
+                raise PluginError(f"plugin {info.name!r} cannot be registered: {e}") from None
+            except ValueError as e:
+                raise PluginError(f"plugin {info.name!r} is loaded twice ({e}); request it once") from None
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            bad = getattr(e, "plugin", None)
+            pname = self.pm.get_name(bad) if bad is not None else "?"
+            unknown = [h for h in implemented_hooks(bad) if not hasattr(hookspecs, h)] if bad is not None else []
+            what = f" {', '.join(unknown)}" if unknown else ""
+            raise PluginError(
+                f"plugin {pname!r} implements unknown hook{what}; check the name against qlora_core.hookspecs"
+            ) from None
+        for info in self.infos:
+            info.hooks = [h.name for h in self.pm.get_hookcallers(info.plugin) or []]
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos]
+
+    def implementers(self, hook_name: str) -> list[str]:
+        return [i.name for i in self.infos if hook_name in i.hooks]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [i.to_dict() for i in self.infos]
+
+
+def select_plugins(requested: Sequence[str], blocked: Sequence[str] = (),
+                   defaults: Sequence[str] = DEFAULT_PLUGINS,
+                   origins: dict[str, str] | None = None) -> PluginSet:
+    """Load the defaults (minus ``blocked``) and the requested plugins, and settle single-choice concerns.
+
+    :param origins: where each requested name came from, for messages (``"train.optim"``).
+    """
+    eps = entry_points()
+    origins = origins or {}
+    for name in blocked:
+        if name not in eps and name not in defaults and name not in requested:
+            raise PluginError(f"--plugin no:{name}: no plugin named {name!r} is installed (see qlora plugins)")
+    infos: list[PluginInfo] = []
+    for name in defaults:
+        if name in blocked or name in requested:
+            continue
+        info = load_plugin(name, eps)
+        info.default = True
+        infos.append(info)
+    wanted = []
+    for name in requested:
+        info = load_plugin(name, eps)
+        info.default = name in defaults
+        wanted.append(info)
+
+    def label(info: PluginInfo) -> str:
+        origin = origins.get(info.name)
+        return f"{info.name!r}" + (f" (from {origin})" if origin else "")
+
+    dropped: set[str] = set()
+    for hook_name, concern in hookspecs.SINGLE_CHOICE_HOOKS.items():
+        claimants = [i for i in wanted if hook_name in implemented_hooks(i.plugin)]
+        if len(claimants) > 1:
+            a, b = claimants[0], claimants[1]
+            raise PluginError(
+                f"plugins {label(a)} and {label(b)} both provide the {concern}; request only one of them")
+        if claimants:
+            dropped |= {i.name for i in infos if hook_name in implemented_hooks(i.plugin)}
+    infos = [i for i in infos if i.name not in dropped] + wanted
+    return PluginSet(infos)
+
+
+def installed_plugins() -> list[dict[str, Any]]:
+    """Every installed ``qlora`` entry point with its distribution, version, hooks and default flag.
+
+    A plugin that fails to import is listed with its error instead of hooks.
+    """
+    out = []
+    for name, ep in sorted(entry_points().items()):
+        dist = ep.dist
+        row: dict[str, Any] = {"name": name, "distribution": dist.name if dist else None,
+                               "version": dist.version if dist else None, "default": name in DEFAULT_PLUGINS}
+        try:
+            row["hooks"] = implemented_hooks(ep.load())
+        except Exception as e:
+            row["hooks"] = []
+            row["error"] = f"{type(e).__name__}: {e}"
+        out.append(row)
+    return out

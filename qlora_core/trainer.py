@@ -1,0 +1,548 @@
+"""A QLoRA run: resolve config and plugins, load tokenizer, data and model, train, evaluate, export.
+
+:class:`Job` is the Python API; ``qlora run`` is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from . import __version__
+from .config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides, parse_overrides,
+                     read_config_file, requested_plugins)
+from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, load_rows, tokenize_rows)
+from .errors import UsageError
+from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
+from .types import DatasetFormat, FormattedExample, Run
+
+if TYPE_CHECKING:
+    import torch
+
+
+def default_config_data() -> dict[str, Any]:
+    """The embedded default job's config (``qlora run`` with no config file)."""
+    import yaml
+
+    return yaml.safe_load(resources.files("qlora_core").joinpath("default_run.yaml").read_text())
+
+
+def _optimizer_plugin_names(eps) -> list[str]:
+    names = []
+    for name in sorted(eps):
+        try:
+            if "qlora_optimizer" in implemented_hooks(eps[name].load()):
+                names.append(name.replace("-", "_"))
+        except Exception:
+            continue
+    return names
+
+
+def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
+            overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> tuple[Config, PluginSet]:
+    """Turn a config file (or dict, or the embedded default), ``--plugin`` names and ``--set`` overrides into a
+    validated :class:`Config` and the :class:`PluginSet` taking part in the run."""
+    if config is None:
+        data = default_config_data()
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        data = read_config_file(config)
+    pairs = [o if isinstance(o, tuple) else None for o in overrides]
+    parsed = [p for p in pairs if p is not None] + parse_overrides([o for o in overrides if isinstance(o, str)])
+    data = merge_overrides(data, parsed)
+    requested, blocked = parse_plugin_args(requested_plugins(data) + list(plugins))
+    origins: dict[str, str] = {}
+    train = data.get("train")
+    optim = train.get("optim") if isinstance(train, dict) else None
+    if optim is not None:
+        name = str(optim).replace("_", "-")
+        eps = entry_points()
+        if name not in eps:
+            raise ConfigError([f"train.optim: unknown optimizer {optim!r}; installed: "
+                               f"{', '.join(_optimizer_plugin_names(eps))}"])
+        if name not in requested:
+            requested.append(name)
+            origins[name] = "train.optim"
+    plugin_set = select_plugins(requested, blocked, origins=origins)
+    options = list(CORE_OPTIONS)
+    for extra in plugin_set.hook.qlora_config_options():
+        options.extend(extra or [])
+    cfg = build_config(data, options, requested + [f"no:{b}" for b in blocked])
+    return cfg, plugin_set
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype_for(config: Config, device: str) -> "torch.dtype":
+    """``quant.bnb_4bit_compute_dtype``, with ``auto`` meaning bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    name = config["quant.bnb_4bit_compute_dtype"]
+    if name == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def prepare_output_dir(output_dir: str | Path | None, overwrite: bool) -> Path:
+    """The run folder: new, empty, or emptied on ``overwrite``. Never overwritten silently."""
+    if output_dir is None:
+        output_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} is a file, not a folder; choose another --output")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output folder {str(out)!r} is not empty; choose another --output or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    exports: list[Path] = field(default_factory=list)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.output_dir / "adapter"
+
+
+def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
+    """Sum of the next-token cross-entropy over the batch's answer tokens, and their number."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    keep = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+class Job:
+    """One configured QLoRA run.
+
+    ``Job(config, plugins=[...], overrides=["lora.r=32"], output_dir="runs/x").run()`` is what
+    ``qlora run CONFIG --plugin ... --set ... --output ...`` does. The steps are also usable one by one:
+    :meth:`load_tokenizer`, :meth:`load_data`, :meth:`load_model`, :meth:`train`.
+    """
+
+    def __init__(self, config: str | Path | Mapping[str, Any] | None = None, *, plugins: Sequence[str] = (),
+                 overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False):
+        self.config, self.plugins = resolve(config, plugins, overrides)
+        self.device = pick_device()
+        self.plugins.hook.qlora_configure(config=self.config, device=self.device)
+        self.compute_dtype = compute_dtype_for(self.config, self.device)
+        self._output_dir = output_dir
+        self._overwrite = overwrite
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.format: DatasetFormat | None = None
+        self.train_examples: list[TokenizedExample] = []
+        self.eval_examples: list[TokenizedExample] = []
+        self.sample: FormattedExample | None = None
+
+    @property
+    def hook(self) -> Any:
+        return self.plugins.hook
+
+    # ------------------------------------------------------------------ loading
+
+    def model_path(self) -> str:
+        name = self.config["model.name_or_path"]
+        return self.hook.qlora_resolve_model(name_or_path=name, config=self.config) or name
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        path = self.model_path()
+        try:
+            tok = AutoTokenizer.from_pretrained(path, revision=self.config["model.revision"],
+                                                trust_remote_code=self.config["model.trust_remote_code"])
+        except (OSError, ValueError) as e:
+            raise UsageError(f"could not load the tokenizer of model {self.config['model.name_or_path']!r}: "
+                             f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        return tok
+
+    def _formats(self) -> tuple[list[DatasetFormat], bool]:
+        formats: list[DatasetFormat] = []
+        for offered in self.hook.qlora_dataset_formats(config=self.config):
+            formats.extend(offered or [])
+        providers = self.plugins.implementers("qlora_dataset_formats")
+        forced = any(not i.default for i in self.plugins.infos if i.name in providers)
+        return formats, forced
+
+    def _data_path(self, path: str) -> str:
+        return self.hook.qlora_resolve_data(path=path, config=self.config) or path
+
+    def load_data(self) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+        """Load, format and tokenize the training and held-out data."""
+        cfg = self.config
+        if self.tokenizer is None:
+            self.load_tokenizer()
+        splits = load_rows(self._data_path(cfg["data.path"]), None)
+        if cfg["data.split"] not in splits:
+            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
+                             f"it has: {', '.join(splits)} (set data.split)")
+        train_rows = splits[cfg["data.split"]]
+        eval_rows = None
+        if cfg["data.eval_path"]:
+            eval_splits = load_rows(self._data_path(cfg["data.eval_path"]), None)
+            split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
+                                                   None)
+            if split not in eval_splits:
+                raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
+                                 f"it has: {', '.join(eval_splits)} (set data.eval_split)")
+            eval_rows = eval_splits[split]
+        elif cfg["data.eval_split"]:
+            if cfg["data.eval_split"] not in splits:
+                raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
+                                 f"it has: {', '.join(splits)} (set data.eval_split)")
+            eval_rows = splits[cfg["data.eval_split"]]
+        elif cfg["data.eval_fraction"] > 0:
+            if len(train_rows) < 2:
+                raise UsageError("data.eval_fraction needs at least 2 training rows")
+            parts = train_rows.train_test_split(test_size=cfg["data.eval_fraction"], seed=cfg["train.seed"])
+            train_rows, eval_rows = parts["train"], parts["test"]
+        else:
+            for name in ("test", "validation"):
+                if name in splits and name != cfg["data.split"]:
+                    eval_rows = splits[name]
+                    break
+        if eval_rows is not None and cfg["data.max_eval_samples"] > 0:
+            eval_rows = eval_rows.select(range(min(len(eval_rows), cfg["data.max_eval_samples"])))
+        formats, forced = self._formats()
+        self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
+        self.train_examples = tokenize_rows(train_rows, self.format, self.tokenizer, cfg, "training data")
+        self.eval_examples = []
+        self.sample = None
+        if eval_rows is not None and len(eval_rows):
+            self.eval_examples = tokenize_rows(eval_rows, self.format, self.tokenizer, cfg, "eval data")
+            self.sample = self.format.format(eval_rows[0], self.tokenizer)
+        return self.train_examples, self.eval_examples
+
+    def load_model(self) -> Any:
+        """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        if self.tokenizer is None:
+            self.load_tokenizer()
+        quant_kwargs = self.hook.qlora_quantization_config(config=cfg, compute_dtype=self.compute_dtype) or {}
+        device_map = {"": torch.cuda.current_device()} if self.device == "cuda" else {"": "cpu"}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_path(), dtype=self.compute_dtype, device_map=device_map,
+                revision=cfg["model.revision"], trust_remote_code=cfg["model.trust_remote_code"], **quant_kwargs)
+        except OSError as e:
+            raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
+                             f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
+        self.hook.qlora_prepare_model(model=model, config=cfg)
+        targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]
+        lora = LoraConfig(r=cfg["lora.r"], lora_alpha=cfg["lora.lora_alpha"], lora_dropout=cfg["lora.lora_dropout"],
+                          target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
+        torch.manual_seed(cfg["train.seed"])
+        self.model = get_peft_model(model, lora)
+        return self.model
+
+    # ------------------------------------------------------------------ training
+
+    def run(self) -> RunResult:
+        """Load everything, train, evaluate and export; the whole of ``qlora run``."""
+        import torch
+
+        if self.config["train.num_threads"] > 0:
+            torch.set_num_threads(self.config["train.num_threads"])
+        if self.tokenizer is None:
+            self.load_tokenizer()
+        if not self.train_examples:
+            self.load_data()
+        if self.model is None:
+            self.load_model()
+        return self.train()
+
+    def train(self) -> RunResult:
+        """Train the loaded model on the loaded data; write metrics, exports and the run's record."""
+        import torch
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        cfg = self.config
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
+        accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed if self.device == "cuda" else "no")
+        out = prepare_output_dir(self._output_dir, self._overwrite) if accelerator.is_main_process else None
+        if out is None:
+            out = Path(self._output_dir or "runs/unnamed")
+        model = accelerator.prepare_model(self.model, device_placement=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
+        if optimizer is None:
+            raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+        world, rank = accelerator.num_processes, accelerator.process_index
+        bs, ga = cfg["train.per_device_train_batch_size"], cfg["train.gradient_accumulation_steps"]
+        per_rank = max(1, len(self.train_examples) // world)
+        micro_per_epoch = math.ceil(per_rank / bs)
+        if cfg["train.max_steps"] > 0:
+            max_steps = cfg["train.max_steps"]
+        else:
+            max_steps = max(1, math.ceil(cfg["train.num_train_epochs"] * micro_per_epoch / ga))
+        scheduler = get_scheduler(cfg["train.lr_scheduler_type"], optimizer, num_warmup_steps=cfg["train.warmup_steps"],
+                                  num_training_steps=max_steps)
+        pad_id = self.tokenizer.pad_token_id
+
+        run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
+                  device=str(accelerator.device), compute_dtype=str(self.compute_dtype).replace("torch.", ""),
+                  model=model, tokenizer=self.tokenizer, accelerator=accelerator,
+                  num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples))
+        record = RunRecord(out, accelerator.is_main_process)
+        record.start(cfg, self.plugins)
+        try:
+            result = self._loop(run, model, optimizer, scheduler, accelerator, record, bs, ga, world, rank,
+                                micro_per_epoch, pad_id)
+        except BaseException as e:
+            record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
+            raise
+        record.finish("completed")
+        return result
+
+    def _micro_batches(self, bs: int, world: int, rank: int, pad_id: int) -> Iterator[tuple[float, dict]]:
+        """Endless micro-batches in a seeded random order, a new order each epoch; yields (epoch, batch)."""
+        import torch
+
+        gen = torch.Generator().manual_seed(self.config["train.seed"])
+        n = len(self.train_examples)
+        epoch = 0
+        while True:
+            order = torch.randperm(n, generator=gen).tolist()
+            mine = order[rank::world] if world > 1 else order
+            for i in range(0, len(mine), bs):
+                chunk = [self.train_examples[j] for j in mine[i:i + bs]]
+                yield epoch + (i + len(chunk)) / max(1, len(mine)), collate(chunk, pad_id)
+            epoch += 1
+
+    def evaluate(self, model: Any = None, accelerator: Any = None) -> dict[str, float]:
+        """Mean loss per answer token over the held-out data (and its perplexity)."""
+        import torch
+
+        model = model if model is not None else self.model
+        device = next(p.device for p in model.parameters())
+        was_training = model.training
+        model.eval()
+        bs = self.config["train.per_device_eval_batch_size"]
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = 0
+        ctx = accelerator.autocast() if accelerator is not None else nullcontext()
+        with torch.no_grad(), ctx:
+            for i in range(0, len(self.eval_examples), bs):
+                batch = {k: v.to(device) for k, v in collate(self.eval_examples[i:i + bs],
+                                                               self.tokenizer.pad_token_id).items()}
+                loss, n = _token_loss_sum(model, batch)
+                total += loss.double()
+                tokens += n
+        if was_training:
+            model.train()
+        loss = float(total) / max(1, tokens)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+    def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
+        """Greedy answer of the model to a formatted prompt."""
+        import torch
+
+        model = model if model is not None else self.model
+        device = next(p.device for p in model.parameters())
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+        if was_training:
+            model.train()
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    def _show_sample(self, run: Run, stage: str) -> None:
+        n = self.config["train.sample_max_new_tokens"]
+        if self.sample is None or n == 0 or not run.is_main_process:
+            return
+        prompt, reference = self.sample.prompt_and_answer()
+        completion = self.generate(prompt, n, self.sample.add_special_tokens, model=run.model)
+        eos = self.tokenizer.eos_token or ""
+        reference = reference[: -len(eos)] if eos and reference.endswith(eos) else reference
+        self.hook.qlora_on_sample(run=run, stage=stage, prompt=prompt, completion=completion,
+                                  reference=reference.strip())
+
+    def _loop(self, run, model, optimizer, scheduler, accelerator, record, bs, ga, world, rank,
+              micro_per_epoch, pad_id) -> RunResult:
+        import torch
+
+        cfg = self.config
+        hook = self.hook
+        device = accelerator.device
+        params = [p for p in model.parameters() if p.requires_grad]
+        summary: dict[str, Any] = {"steps": run.max_steps, "eval_loss_before": None, "eval_loss_after": None}
+        if self.eval_examples:
+            ev = self.evaluate(model, accelerator)
+            summary["eval_loss_before"] = ev["eval_loss"]
+            record.metric({"step": 0, **ev})
+            hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
+        self._show_sample(run, "before")
+        hook.qlora_on_train_start(run=run)
+
+        batches = self._micro_batches(bs, world, rank, pad_id)
+        model.train()
+        started = time.perf_counter()
+        window = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+        all_tokens = 0
+        for step in range(1, run.max_steps + 1):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(ga)]
+            epoch = micro[-1][0]
+            batch_list = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
+            targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch_list),
+                                   device=device)
+            tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batch_list), device=device)
+            if world > 1:
+                targets = accelerator.reduce(targets, reduction="sum")
+                tokens = accelerator.reduce(tokens, reduction="sum")
+            n_targets = max(1, int(targets))
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            lr = scheduler.get_last_lr()[0]
+            for i, batch in enumerate(batch_list):
+                sync = nullcontext() if i == len(batch_list) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    part, _ = _token_loss_sum(model, batch)
+                    # Normalise by the answer tokens of the whole accumulated step (all ranks), not per
+                    # micro-batch; DDP/FSDP average gradients over ranks, hence the factor of world.
+                    accelerator.backward(part * world / n_targets)
+                loss_sum += part.detach().double()
+            grad_norm = None
+            if cfg["train.max_grad_norm"] > 0:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+            step_loss = float(loss_sum) / n_targets
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"the loss is {step_loss} at step {step}; lower train.learning_rate")
+            seconds = time.perf_counter() - t0
+            all_tokens += int(tokens)
+            run.step = step
+            metrics = {"step": step, "epoch": round(epoch, 4), "loss": step_loss, "learning_rate": lr,
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens": int(tokens), "tokens_per_second": int(tokens) / max(seconds, 1e-9),
+                       "elapsed": time.perf_counter() - started}
+            if device.type == "cuda":
+                metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            summary.setdefault("first_loss", step_loss)
+            window["loss"] += float(loss_sum)
+            window["targets"] += n_targets
+            window["tokens"] += int(tokens)
+            window["seconds"] += seconds
+            hook.qlora_on_step_end(run=run, metrics=metrics)
+            if step % cfg["train.logging_steps"] == 0 or step == run.max_steps:
+                logged = dict(metrics, loss=window["loss"] / window["targets"],
+                              tokens_per_second=window["tokens"] / max(window["seconds"], 1e-9))
+                record.metric(logged)
+                summary["train_loss"] = logged["loss"]
+                window = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+            if self.eval_examples and cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0 \
+                    and step != run.max_steps:
+                ev = {"step": step, **self.evaluate(model, accelerator)}
+                record.metric(ev)
+                hook.qlora_on_evaluate(run=run, metrics=ev)
+        train_seconds = time.perf_counter() - started
+        summary["train_seconds"] = train_seconds
+        summary["tokens_per_second"] = all_tokens / max(train_seconds, 1e-9)
+        if device.type == "cuda":
+            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if self.eval_examples:
+            ev = {"step": run.max_steps, **self.evaluate(model, accelerator)}
+            summary["eval_loss_after"] = ev["eval_loss"]
+            record.metric(ev)
+            hook.qlora_on_evaluate(run=run, metrics=ev)
+        self._show_sample(run, "after")
+        exports: list[Path] = []
+        if run.is_main_process:
+            for path in hook.qlora_export(run=run, model=model, tokenizer=self.tokenizer, output_dir=run.output_dir):
+                if path is not None:
+                    exports.append(Path(path))
+                    hook.qlora_on_save(run=run, path=Path(path))
+        accelerator.wait_for_everyone()
+        hook.qlora_on_train_end(run=run, summary=summary)
+        record.summary = summary
+        return RunResult(run.output_dir, run.max_steps, record.metrics, summary, exports)
+
+
+class RunRecord:
+    """The files that document a run: ``config.yaml``, ``plugins.json``, ``metrics.jsonl``, ``run.json``.
+
+    ``run.json`` says ``running`` until the run ends, then ``completed``, ``failed`` or ``interrupted``: a
+    folder whose ``run.json`` does not say ``completed`` is not a finished run.
+    """
+
+    def __init__(self, out: Path, main: bool):
+        self.out = out
+        self.main = main
+        self.metrics: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+        self._started = datetime.now().isoformat(timespec="seconds")
+
+    def _write_status(self, status: str, **extra: Any) -> None:
+        if not self.main:
+            return
+        body = {"status": status, "started": self._started, "qlora_version": __version__, **extra}
+        tmp = self.out / ".run.json.tmp"
+        tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
+        tmp.replace(self.out / "run.json")
+
+    def start(self, config: Config, plugins: PluginSet) -> None:
+        if not self.main:
+            return
+        config.dump(self.out / "config.yaml")
+        (self.out / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
+        (self.out / "metrics.jsonl").write_text("")
+        self._write_status("running")
+
+    def metric(self, row: dict[str, Any]) -> None:
+        self.metrics.append(row)
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        extra: dict[str, Any] = {"finished": datetime.now().isoformat(timespec="seconds")}
+        if error is not None:
+            extra["error"] = f"{type(error).__name__}: {error}"
+        if self.summary:
+            extra["summary"] = self.summary
+        self._write_status(status, **extra)

@@ -1,0 +1,199 @@
+"""The training loop, the run folder and the exported adapter, on a tiny random Llama in 4 bits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from qlora_core import cli
+from qlora_core.errors import UsageError
+from qlora_core.trainer import Job
+
+from conftest import write_jsonl
+
+SGD_PLUGIN = """
+import torch
+from qlora_core import hookimpl
+
+@hookimpl
+def qlora_optimizer(params, config):
+    return torch.optim.SGD(params, lr=config["train.learning_rate"])
+"""
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_base_model_is_loaded_in_nf4_with_lora_on_all_linear_layers(tiny_config, tmp_path):
+    import bitsandbytes as bnb
+
+    job = Job(tiny_config, output_dir=tmp_path / "run")
+    model = job.load_model()
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    weight = linear4[0].weight
+    assert weight.quant_state.quant_type == "nf4"
+    assert weight.quant_state.nested  # double quantization
+    targets = set(model.peft_config["default"].target_modules)
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_listed_target_modules_are_used_and_a_wrong_name_is_reported(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    model = Job(cfg, output_dir=tmp_path / "a").load_model()
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    cfg["lora"]["target_modules"] = ["q_proj", "query"]
+    with pytest.raises(UsageError, match="lora.target_modules: no linear layer named query"):
+        Job(cfg, output_dir=tmp_path / "b").load_model()
+
+
+def test_loss_decreases_on_a_memorizable_batch(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=25, learning_rate=5e-3, per_device_train_batch_size=16, warmup_steps=0,
+                        lr_scheduler_type="constant", max_grad_norm=1.0)
+    cfg["plugins"] = ["adamw"]
+    result = Job(cfg, output_dir=tmp_path / "run").run()
+    losses = [m["loss"] for m in result.metrics if "loss" in m]
+    assert len(losses) == 25
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_training_after_an_evaluation_still_updates_the_first_layers(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["eval_fraction"] = 0.25  # an evaluation runs before the first step
+    cfg["train"]["max_steps"] = 1
+    job = Job(cfg, output_dir=tmp_path / "run")
+    job.load_model()
+    before = trainable(job.model)
+    job.run()
+    after = trainable(job.model)
+    first = [n for n in before if ".layers.0." in n and "lora_B" in n]
+    assert first
+    for n in first:
+        assert (after[n] - before[n]).abs().max() > 0, n
+
+
+def test_gradient_accumulation_gives_the_same_update_as_the_big_batch(tiny_config, tmp_path):
+    # Answers of very different lengths: normalising per micro-batch instead of per accumulated step
+    # would weight the tokens differently and change the update.
+    rows = [{"text": f"### Human: q{i}?### Assistant: " + " ".join(["word"] * (1 + 12 * (i % 2)))} for i in range(4)]
+    data = write_jsonl(tmp_path / "ragged.jsonl", rows)
+    sgd = tmp_path / "sgd_plugin.py"
+    sgd.write_text(SGD_PLUGIN)
+    base = copy.deepcopy(tiny_config)
+    base["data"]["path"] = str(data)
+    base["plugins"] = [str(sgd)]
+    base["train"].update(max_steps=1, learning_rate=0.5, max_grad_norm=0.0, warmup_steps=0,
+                         lr_scheduler_type="constant")
+    params = {}
+    for bs, ga in [(4, 1), (2, 2), (1, 4)]:
+        cfg = copy.deepcopy(base)
+        cfg["train"].update(per_device_train_batch_size=bs, gradient_accumulation_steps=ga)
+        job = Job(cfg, output_dir=tmp_path / f"run-{bs}x{ga}")
+        job.load_model()
+        before = trainable(job.model)
+        result = job.run()
+        params[(bs, ga)] = (before, trainable(job.model), result.metrics[0]["loss"])
+    ref_before, ref_after, ref_loss = params[(4, 1)]
+    moved = max(float((ref_after[n] - ref_before[n]).abs().max()) for n in ref_after)
+    assert moved > 1e-4  # the step really changed the adapters
+    for key in [(2, 2), (1, 4)]:
+        before, after, loss = params[key]
+        for n in ref_after:
+            torch.testing.assert_close(before[n], ref_before[n])
+            torch.testing.assert_close(after[n], ref_after[n], rtol=1e-4, atol=1e-6)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_run_folder_holds_config_metrics_plugins_and_adapter(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["eval_fraction"] = 0.25
+    out = tmp_path / "run"
+    result = Job(cfg, output_dir=out).run()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "tokenizer_config.json").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lora"]["r"] == 8 and saved["train"]["max_steps"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for r in train_rows:
+        assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(r)
+        assert r["tokens_per_second"] > 0
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    plugins = {p["name"]: p for p in json.loads((out / "plugins.json").read_text())}
+    assert plugins["nf4"]["version"] == "0.1.0" and plugins["nf4"]["default"]
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert result.summary["eval_loss_before"] == evals[0]["eval_loss"]
+
+
+def test_non_empty_output_folder_is_never_overwritten_silently(tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    code = cli.main(["run", str(config), "--output", str(out)])
+    assert code == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_bad_data_is_reported_before_the_model_loads(tiny_config, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "a", "answer": "b"}])
+    config = tmp_path / "c.yaml"
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["path"] = str(data)
+    config.write_text(yaml.safe_dump(cfg))
+    code = cli.main(["run", str(config), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "question, answer" in err and "guanaco" in err and "alpaca" in err
+
+
+def test_missing_data_path_is_a_usage_error(tiny_config, tmp_path, capsys):
+    code = cli.main(["run", "--set", f"model.name_or_path={tiny_config['model']['name_or_path']}",
+                     "--set", "data.path=./nowhere/train.jsonl", "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "data path './nowhere/train.jsonl' does not exist" in capsys.readouterr().err
+
+
+def test_exported_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_config, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    out = tmp_path / "run"
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"]["learning_rate"] = 1e-2
+    job = Job(cfg, output_dir=out)
+    job.run()
+    tok = AutoTokenizer.from_pretrained(out / "adapter")
+    inputs = tok("### Human: What is the code of item 3?### Assistant:", return_tensors="pt")
+    job.model.eval()
+    with torch.no_grad():
+        trained = job.model(**inputs).logits
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_config["model"]["name_or_path"], quantization_config=bnb,
+                                                dtype=torch.float32, device_map={"": "cpu"})
+    for module in base.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes would switch eval-mode forwards to a bf16 kernel; compare
+        # like with like (the trainer keeps the float32 kernel, see plugins/nf4.py).
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(**inputs).logits
+    assert (trained - plain).abs().max() > 1e-3  # training changed the model
+    torch.testing.assert_close(again, trained, rtol=1e-4, atol=1e-4)
