@@ -10,7 +10,11 @@ from qlora_core import hookimpl
 
 
 class AdamWPlugin:
-    """An AdamW optimizer plugin; ``kind`` names the bitsandbytes class or ``"torch"``."""
+    """An AdamW optimizer plugin; ``kind`` names the bitsandbytes class or ``"torch"``.
+
+    Paging moves optimizer states between GPU and CPU memory under pressure; on the CPU there is nothing
+    to page, so there the same optimizer runs unpaged (bitsandbytes would fall back to that itself).
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -24,7 +28,10 @@ class AdamWPlugin:
             return torch.optim.AdamW(params, **kwargs)
         import bitsandbytes as bnb
 
-        return getattr(bnb.optim, self.kind)(params, **kwargs)
+        kind = self.kind
+        if all(p.device.type == "cpu" for p in params):
+            kind = kind.removeprefix("Paged")
+        return getattr(bnb.optim, kind)(params, **kwargs)
 
     def __repr__(self) -> str:
         return f"AdamWPlugin({self.kind!r})"

@@ -64,23 +64,24 @@ def choose_format(formats: Sequence[DatasetFormat], columns: Sequence[str], want
     if wanted is not None:
         for f in formats:
             if f.name == wanted:
-                if not f.matches(columns):
-                    raise UsageError(
-                        f"dataset has fields {', '.join(columns)} but format {f.name!r} needs "
-                        f"{', '.join(f.fields)}")
-                return f
+                return _check_fields(f, columns)
         raise UsageError(f"data.format {wanted!r} is not a known format; known: {known}")
     if forced and len(formats) == 1:
-        f = formats[0]
-        if not f.matches(columns):
-            raise UsageError(
-                f"dataset has fields {', '.join(columns)} but format {f.name!r} needs {', '.join(f.fields)}")
-        return f
+        return _check_fields(formats[0], columns)
     for f in formats:
         if f.matches(columns):
             return f
     raise UsageError(
         f"dataset fields {', '.join(columns) or '(none)'} fit no known format; known formats: {known}")
+
+
+def _check_fields(fmt: DatasetFormat, columns: Sequence[str]) -> DatasetFormat:
+    # A format the user names only needs its fields; matches() is stricter, to keep detection unambiguous.
+    missing = [name for name in fmt.fields if name not in columns]
+    if missing:
+        raise UsageError(f"dataset has fields {', '.join(columns)} but format {fmt.name!r} needs "
+                         f"{', '.join(fmt.fields)} (missing: {', '.join(missing)})")
+    return fmt
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""Dataset formats: guanaco (``text``), alpaca (``instruction``/``input``/``output``) and chat (``messages``).
+
+Each is its own plugin (``guanaco-format``, ``alpaca-format``, ``chat-format``) offering one format through
+:func:`~qlora_core.hookspecs.qlora_dataset_formats`. A format renders a row to text and marks the
+character spans of the assistant's answers; only the tokens of those spans are trained (unless
+``data.train_on_prompt``).
+
+Detection from column names is exclusive, so it does not depend on the order the formats are offered in:
+
+- chat: a ``messages`` column;
+- alpaca: ``instruction`` and ``output`` columns, and no ``messages``;
+- guanaco: a ``text`` column, and neither ``messages`` nor ``instruction`` (datasets such as Alpaca's
+  carry a ``text`` column that is a rendering of their other fields, not guanaco turns).
+
+Guanaco rendering, as in the openassistant-guanaco data: turns follow one another with no newline,
+``### Human: {question}### Assistant: {answer}### Human: ...``. The prompt for a question is
+``### Human: {question}### Assistant:``; the answer's span starts right after ``### Assistant:`` (so the
+text before a span is exactly that prompt, and the answer's first token is `` {word}`` with its leading
+space, as the tokenizer cuts it in the training data) and ends before the next ``### Human:``, trailing
+whitespace excluded. The tokenizer's eos token is appended after the final answer, inside its span.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+from qlora_core import hookimpl
+from qlora_core.types import FormattedExample
+
+HUMAN = "### Human:"
+ASSISTANT = "### Assistant:"
+_MARKER = re.compile(re.escape(HUMAN) + "|" + re.escape(ASSISTANT))
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def _eos(tokenizer: Any) -> str:
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise ValueError("the tokenizer has no eos_token, so answers cannot be ended; set tokenizer.eos_token")
+    return eos
+
+
+def _text_field(example: Mapping[str, Any], key: str) -> str:
+    value = example[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+class GuanacoFormat:
+    """Multi-turn ``### Human: ... ### Assistant: ...`` text in one ``text`` field."""
+
+    name = "guanaco"
+    fields = ("text",)
+
+    def matches(self, columns: Sequence[str]) -> bool:
+        cols = set(columns)
+        return "text" in cols and "messages" not in cols and "instruction" not in cols
+
+    def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
+        text = _text_field(example, "text")
+        eos = _eos(tokenizer)
+        markers = list(_MARKER.finditer(text))
+        if not any(m.group() == ASSISTANT for m in markers):
+            raise ValueError(f"guanaco text has no {ASSISTANT!r} turn to train on: {text[:60]!r}")
+        last_is_answer = markers[-1].group() == ASSISTANT
+        if last_is_answer:
+            # The model learns to stop: the final answer ends with eos (trailing whitespace dropped first).
+            text = text.rstrip()
+            if not text.endswith(eos):
+                text += eos
+        spans = []
+        for i, m in enumerate(markers):
+            if m.group() != ASSISTANT:
+                continue
+            start = m.end()
+            end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
+            end = start + len(text[start:end].rstrip())
+            if text[start:end].strip():
+                spans.append((start, end))
+        if not spans:
+            raise ValueError(f"guanaco text has only empty {ASSISTANT!r} turns: {text[:60]!r}")
+        return FormattedExample(text, tuple(spans))
+
+    def prompt(self, user_text: str, tokenizer: Any) -> str:
+        return f"{HUMAN} {user_text}{ASSISTANT}"
+
+
+class AlpacaFormat:
+    """Alpaca's instruction / optional input / output rows, with the standard Alpaca prompt."""
+
+    name = "alpaca"
+    fields = ("instruction", "output")
+
+    def matches(self, columns: Sequence[str]) -> bool:
+        cols = set(columns)
+        return "instruction" in cols and "output" in cols and "messages" not in cols
+
+    def _render_prompt(self, instruction: str, input_text: str | None) -> str:
+        if input_text:
+            return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input_text)
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+    def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
+        instruction = _text_field(example, "instruction")
+        output = _text_field(example, "output")
+        input_text = example.get("input")
+        if input_text is not None and not isinstance(input_text, str):
+            raise ValueError(f"field 'input' must be a string, got {type(input_text).__name__}")
+        prompt = self._render_prompt(instruction, input_text)
+        answer = output + _eos(tokenizer)
+        return FormattedExample(prompt + answer, ((len(prompt), len(prompt) + len(answer)),))
+
+    def prompt(self, user_text: str, tokenizer: Any) -> str:
+        return self._render_prompt(user_text, None)
+
+
+class ChatFormat:
+    """A ``messages`` list of ``{role, content}`` rendered with the tokenizer's chat template.
+
+    Each assistant message's span is what the template adds for it: the text between the conversation
+    before it rendered with the generation prompt and the conversation up to it rendered without,
+    trailing whitespace excluded (so the template's end-of-turn token is trained, the newline after it not).
+    """
+
+    name = "chat"
+    fields = ("messages",)
+
+    def matches(self, columns: Sequence[str]) -> bool:
+        return "messages" in set(columns)
+
+    @staticmethod
+    def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat_template, so the chat format cannot render messages; use a chat "
+                "model's tokenizer, set tokenizer.chat_template, or convert the data to the guanaco or alpaca format")
+        try:
+            out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raises its own errors; the row number is added by the caller
+            raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
+        if not isinstance(out, str):
+            raise ValueError(f"the chat template returned {type(out).__name__}, not text")
+        return out
+
+    def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
+        raw = example["messages"]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise ValueError("field 'messages' must be a non-empty list of {role, content}")
+        messages = []
+        for m in raw:
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
+            messages.append(dict(m))
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("the conversation has no assistant message to train on")
+        full = self._render(tokenizer, messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(tokenizer, messages[:i], True)
+            upto = full if i + 1 == len(messages) else self._render(tokenizer, messages[: i + 1], False)
+            if not upto.startswith(before) or not full.startswith(upto):
+                raise ValueError(
+                    "the chat template is not prefix-stable (rendering a conversation's first turns does not give "
+                    "the start of rendering all of it), so assistant turns cannot be located; use a template that "
+                    "renders earlier turns unchanged, or the guanaco/alpaca format")
+            start = len(before)
+            end = start + len(upto[start:].rstrip())
+            if end > start:
+                spans.append((start, end))
+        return FormattedExample(full, tuple(spans), add_special_tokens=False)
+
+    def prompt(self, user_text: str, tokenizer: Any) -> str:
+        return self._render(tokenizer, [{"role": "user", "content": user_text}], True)
+
+
+class FormatPlugin:
+    """A plugin offering one dataset format."""
+
+    def __init__(self, fmt: Any):
+        self.fmt = fmt
+
+    @hookimpl
+    def qlora_dataset_formats(self, config):
+        return [self.fmt]
+
+    def __repr__(self) -> str:
+        return f"FormatPlugin({self.fmt.name!r})"
+
+
+guanaco = FormatPlugin(GuanacoFormat())
+alpaca = FormatPlugin(AlpacaFormat())
+chat = FormatPlugin(ChatFormat())
