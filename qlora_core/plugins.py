@@ -47,11 +47,13 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     default: bool = False
+    requested: bool = False
     hooks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "distribution": self.distribution,
-                "version": self.version, "default": self.default, "hooks": list(self.hooks)}
+                "version": self.version, "default": self.default, "requested": self.requested,
+                "hooks": list(self.hooks)}
 
 
 def entry_points() -> dict[str, md.EntryPoint]:
@@ -215,6 +217,7 @@ def select_plugins(requested: Sequence[str], blocked: Sequence[str] = (),
     for name in requested:
         info = load_plugin(name, eps)
         info.default = name in defaults
+        info.requested = True
         wanted.append(info)
 
     def label(info: PluginInfo) -> str:

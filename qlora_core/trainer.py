@@ -193,7 +193,7 @@ class Job:
         for offered in self.hook.qlora_dataset_formats(config=self.config):
             formats.extend(offered or [])
         providers = self.plugins.implementers("qlora_dataset_formats")
-        forced = any(not i.default for i in self.plugins.infos if i.name in providers)
+        forced = any(i.requested for i in self.plugins.infos if i.name in providers)
         return formats, forced
 
     def _data_path(self, path: str) -> str:

@@ -160,6 +160,13 @@ def test_bad_data_is_reported_before_the_model_loads(tiny_config, tmp_path, caps
     assert "question, answer" in err and "guanaco" in err and "alpaca" in err
 
 
+def test_a_requested_builtin_format_is_enforced_not_detected(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    job = Job(cfg, plugins=["chat-format"], output_dir=tmp_path / "out")
+    with pytest.raises(UsageError, match=r"format 'chat' needs messages \(missing: messages\)"):
+        job.load_data()
+
+
 def test_missing_data_path_is_a_usage_error(tiny_config, tmp_path, capsys):
     code = cli.main(["run", "--set", f"model.name_or_path={tiny_config['model']['name_or_path']}",
                      "--set", "data.path=./nowhere/train.jsonl", "--output", str(tmp_path / "out")])
