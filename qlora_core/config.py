@@ -29,7 +29,7 @@ class Option:
     :ivar key: dotted name, e.g. ``"lora.r"``.
     :ivar type: one of ``int``, ``float``, ``bool``, ``str``, ``str_list``, ``str_or_list``.
     :ivar default: the value when the config does not set it.
-    :ivar help: one line for the docs and ``qlora plugins``.
+    :ivar help: one line for the docs.
     :ivar choices: allowed values, if limited.
     :ivar minimum / maximum: inclusive bounds for numbers.
     :ivar exclusive_minimum: bound that the value must exceed (``r > 0``).
@@ -95,7 +95,7 @@ class Option:
             raise ValueError(f"must be a string (got {value!r})")
         if t in ("str_list", "str_or_list"):
             if isinstance(value, str):
-                if t == "str_or_list":
+                if t == "str_or_list" and "," not in value:
                     return value
                 return [v.strip() for v in value.split(",") if v.strip()]
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -241,8 +241,10 @@ class Config:
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, last = key.split(".")
     node = data
-    for part in parents:
+    for i, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{key}: {'.'.join(parents[:i + 1])} is a value, not a section"])
     node[last] = value
 
 
@@ -296,10 +298,7 @@ def merge_overrides(data: dict[str, Any], overrides: Iterable[tuple[str, Any]]) 
         if key == "plugins":
             merged["plugins"] = value
             continue
-        try:
-            _set_dotted(merged, key, value)
-        except AttributeError:
-            raise ConfigError([f"{key}: {key.rsplit('.', 1)[0]} is not a section"]) from None
+        _set_dotted(merged, key, value)
     return merged
 
 

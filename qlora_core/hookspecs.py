@@ -7,13 +7,15 @@ Every hook is prefixed ``qlora_``. A plugin is any module or object with functio
 Hooks are grouped by the stage of a run at which they are called, in that order:
 
 1. set-up: :func:`qlora_config_options`, :func:`qlora_configure`
-2. model: :func:`qlora_resolve_model`, :func:`qlora_quantization_config`, :func:`qlora_prepare_model`,
-   :func:`qlora_adapter_targets`
+2. model name: :func:`qlora_resolve_model` (the tokenizer is loaded first, for the data)
 3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
-4. optimizer: :func:`qlora_optimizer`
-5. training events (callbacks): :func:`qlora_on_train_start`, :func:`qlora_on_step_end`,
-   :func:`qlora_on_evaluate`, :func:`qlora_on_sample`, :func:`qlora_on_save`, :func:`qlora_on_train_end`
-6. export: :func:`qlora_export`
+4. model: :func:`qlora_quantization_config`, :func:`qlora_prepare_model`, :func:`qlora_adapter_targets`
+5. optimizer: :func:`qlora_optimizer`
+6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
+   :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
+   :func:`qlora_on_evaluate` every ``train.eval_steps`` and at the end, the sample after training
+7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
+   :func:`qlora_on_train_end`
 
 Four concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
 (:func:`qlora_adapter_targets`), optimizer (:func:`qlora_optimizer`) and dataset format
@@ -123,7 +125,8 @@ def qlora_adapter_targets(model: "torch.nn.Module", config: "Config") -> "list[s
 
     :param model: the prepared base model.
     :param config: the config (``lora.*`` keys).
-    :returns: module names (suffixes as PEFT's ``target_modules`` takes them).
+    :returns: module names (suffixes as PEFT's ``target_modules`` takes them), or ``None`` to leave the
+        choice to the next plugin (and, finally, to ``lora.target_modules`` as PEFT reads it).
 
     The first non-None result wins; it is a single-choice concern.
     """
@@ -166,7 +169,7 @@ def qlora_optimizer(params: "list[torch.nn.Parameter]", config: "Config") -> "to
     """Build the optimizer for the trainable parameters.
 
     :param params: the trainable parameters (the adapters).
-    :param config: the config (``train.learning_rate``, ``train.weight_decay``, ``optim.*``).
+    :param config: the config (``train.learning_rate``, ``train.weight_decay``, and any keys the plugin declares).
     :returns: a ``torch.optim.Optimizer``.
 
     The first non-None result wins; it is a single-choice concern.
@@ -189,13 +192,13 @@ def qlora_on_train_start(run: "Run") -> None:
 
 
 @hookspec
-def qlora_on_step_end(run: "Run", metrics: "dict[str, float]") -> None:
+def qlora_on_step_end(run: "Run", metrics: "dict[str, float | None]") -> None:
     """An optimizer step has finished.
 
     :param run: the run; ``run.step`` is the step just taken.
     :param metrics: ``step``, ``loss`` (mean over target tokens of the step), ``learning_rate``,
-        ``grad_norm``, ``tokens`` (tokens in the step), ``tokens_per_second``, ``epoch``, ``elapsed``
-        and, on a GPU, ``gpu_memory_gib``.
+        ``grad_norm`` (``None`` when ``train.max_grad_norm`` is 0), ``tokens`` (tokens in the step),
+        ``tokens_per_second``, ``epoch``, ``elapsed`` and, on a GPU, ``gpu_memory_gib``.
     :returns: nothing.
 
     Every plugin's implementation is called.
@@ -218,6 +221,9 @@ def qlora_on_evaluate(run: "Run", metrics: "dict[str, float]") -> None:
 def qlora_on_sample(run: "Run", stage: str, prompt: str, completion: str, reference: str) -> None:
     """A sample answer was generated from a held-out prompt (before and after training).
 
+    Called on the main process only, and only when there is held-out data and
+    ``train.sample_max_new_tokens`` is above 0.
+
     :param run: the run.
     :param stage: ``"before"`` or ``"after"`` training.
     :param prompt: the prompt given to the model.
@@ -231,7 +237,7 @@ def qlora_on_sample(run: "Run", stage: str, prompt: str, completion: str, refere
 
 @hookspec
 def qlora_on_save(run: "Run", path: "Path") -> None:
-    """Something was saved (an export or checkpoint) under ``path``.
+    """An exporter wrote a folder under the run folder (main process only).
 
     :param run: the run.
     :param path: the folder written.

@@ -82,7 +82,8 @@ def _module_distribution(module_name: str) -> tuple[str | None, str | None]:
 
 
 def _import_failure(name: str, exc: BaseException) -> PluginError:
-    return PluginError(f'error importing plugin "{name}": {type(exc).__name__}: {exc}')
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return PluginError(f'cannot import plugin "{name}": {type(exc).__name__}: {reason}')
 
 
 def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> PluginInfo:
@@ -164,7 +165,8 @@ class PluginSet:
             try:
                 self.pm.register(info.plugin, name=info.name)
             except pluggy.PluginValidationError as e:
-                raise PluginError(f"plugin {info.name!r} cannot be registered: {e}") from None
+                reason = " ".join(str(e).split())  # pluggy's message spans lines
+                raise PluginError(f"plugin {info.name!r} cannot be registered: {reason}") from None
             except ValueError as e:
                 raise PluginError(f"plugin {info.name!r} is loaded twice ({e}); request it once") from None
         try:

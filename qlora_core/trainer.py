@@ -64,9 +64,9 @@ def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Seque
     train = data.get("train")
     optim = train.get("optim") if isinstance(train, dict) else None
     if optim is not None:
-        name = str(optim).replace("_", "-")
         eps = entry_points()
-        if name not in eps:
+        name = next((n for n in (str(optim), str(optim).replace("_", "-")) if n in eps), None)
+        if name is None or "qlora_optimizer" not in implemented_hooks(load_plugin(name, eps).plugin):
             raise ConfigError([f"train.optim: unknown optimizer {optim!r}; installed: "
                                f"{', '.join(_optimizer_plugin_names(eps))}"])
         if name not in requested:
@@ -98,16 +98,24 @@ def compute_dtype_for(config: Config, device: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+def check_output_dir(output_dir: str | Path | None, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty folder without ``overwrite``."""
+    if output_dir is None:
+        return
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {str(out)!r} is a file, not a folder; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"output folder {str(out)!r} is not empty; choose another --output or pass --overwrite")
+
+
 def prepare_output_dir(output_dir: str | Path | None, overwrite: bool) -> Path:
     """The run folder: new, empty, or emptied on ``overwrite``. Never overwritten silently."""
     if output_dir is None:
         output_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a file, not a folder; choose another --output")
+    check_output_dir(out, overwrite)
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"output folder {str(out)!r} is not empty; choose another --output or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -156,6 +164,8 @@ class Job:
         self.compute_dtype = compute_dtype_for(self.config, self.device)
         self._output_dir = output_dir
         self._overwrite = overwrite
+        check_output_dir(output_dir, overwrite)  # refuse before spending minutes on loading
+        self._model_path: str | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.format: DatasetFormat | None = None
@@ -170,8 +180,11 @@ class Job:
     # ------------------------------------------------------------------ loading
 
     def model_path(self) -> str:
-        name = self.config["model.name_or_path"]
-        return self.hook.qlora_resolve_model(name_or_path=name, config=self.config) or name
+        """``model.name_or_path`` as resolved by the plugins (asked once per job)."""
+        if self._model_path is None:
+            name = self.config["model.name_or_path"]
+            self._model_path = self.hook.qlora_resolve_model(name_or_path=name, config=self.config) or name
+        return self._model_path
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -248,6 +261,7 @@ class Job:
     def load_model(self) -> Any:
         """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters."""
         import torch
+        from accelerate import PartialState
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -255,7 +269,8 @@ class Job:
         if self.tokenizer is None:
             self.load_tokenizer()
         quant_kwargs = self.hook.qlora_quantization_config(config=cfg, compute_dtype=self.compute_dtype) or {}
-        device_map = {"": torch.cuda.current_device()} if self.device == "cuda" else {"": "cpu"}
+        # Each process loads onto its own GPU (LOCAL_RANK under torchrun / accelerate launch).
+        device_map = {"": PartialState().device} if self.device == "cuda" else {"": "cpu"}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_path(), dtype=self.compute_dtype, device_map=device_map,
@@ -453,7 +468,8 @@ class Job:
                 loss_sum = accelerator.reduce(loss_sum, reduction="sum")
             step_loss = float(loss_sum) / n_targets
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the loss is {step_loss} at step {step}; lower train.learning_rate")
+                raise UsageError(f"the loss became {step_loss} at step {step}; lower train.learning_rate "
+                                 f"(now {cfg['train.learning_rate']:g}) or train.max_grad_norm")
             seconds = time.perf_counter() - t0
             all_tokens += int(tokens)
             run.step = step

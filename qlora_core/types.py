@@ -71,6 +71,7 @@ class Run:
     :ivar model: the trained model (PEFT-wrapped) once it exists.
     :ivar tokenizer: the tokenizer.
     :ivar accelerator: the ``accelerate.Accelerator`` driving the run.
+    :ivar num_train_examples / num_eval_examples: examples after formatting and tokenization.
     :ivar extra: free space for plugins to share state, keyed by plugin name.
     """
 

@@ -105,3 +105,13 @@ def test_cli_argparse_errors_also_exit_2(capsys):
         cli.main(["run", "--no-such-flag"])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_set_below_a_value_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match="lora.r.x: lora.r is a value, not a section"):
+        resolve({"lora": {"r": 8}}, overrides=["lora.r.x=1"])
+
+
+def test_target_modules_given_with_commas_is_a_list():
+    cfg, _ = resolve({}, overrides=["lora.target_modules=q_proj,v_proj"])
+    assert cfg["lora.target_modules"] == ["q_proj", "v_proj"]

@@ -113,7 +113,7 @@ def test_unknown_plugin_name_is_reported():
 
 def test_plugin_that_fails_to_import_is_reported_by_name(tmp_path):
     path = write_plugin(tmp_path, "broken", "import not_a_real_module_xyz\n")
-    with pytest.raises(PluginError, match='error importing plugin ".*broken.py": ModuleNotFoundError'):
+    with pytest.raises(PluginError, match='cannot import plugin ".*broken.py": ModuleNotFoundError'):
         select_plugins([str(path)])
 
 
@@ -175,3 +175,8 @@ def test_cli_reports_plugin_errors_on_one_line_with_code_2(capsys):
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_train_optim_must_name_an_optimizer_plugin():
+    with pytest.raises(ConfigError, match="train.optim: unknown optimizer 'nf4'"):
+        resolve({"train": {"optim": "nf4"}})

@@ -204,3 +204,36 @@ def test_exported_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny
         again = reloaded(**inputs).logits
     assert (trained - plain).abs().max() > 1e-3  # training changed the model
     torch.testing.assert_close(again, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_epochs_decide_the_steps_when_max_steps_is_unset(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    # 16 rows, micro-batches of 4, 2 per step: 2 steps an epoch.
+    cfg["train"].update(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2)
+    result = Job(cfg, output_dir=tmp_path / "run").run()
+    steps = [m for m in result.metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert steps[-1]["epoch"] == pytest.approx(2.0)
+
+
+FAILING_CALLBACK = """
+from qlora_core import hookimpl
+
+@hookimpl
+def qlora_on_step_end(run, metrics):
+    if metrics["step"] == 2:
+        raise RuntimeError("disk full")
+"""
+
+
+def test_a_failed_run_is_marked_failed_and_leaves_no_adapter(tiny_config, tmp_path):
+    plugin = tmp_path / "fail_at_two.py"
+    plugin.write_text(FAILING_CALLBACK)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk full"):
+        Job(tiny_config, plugins=[str(plugin)], output_dir=out).run()
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "failed" and "disk full" in status["error"]
+    assert not (out / "adapter").exists()
+    assert len([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]) == 1
