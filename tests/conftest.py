@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from qlora_core.data import IGNORE_INDEX
+
 torch.set_num_threads(1)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +55,22 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def labelled_runs(example, tok) -> list[str]:
+    """Decode each contiguous run of tokens the loss covers."""
+    runs, current = [], []
+    for tid, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == tid
+            current.append(tid)
+    if current:
+        runs.append(current)
+    return [tok.decode(r) for r in runs]
 
 
 def write_jsonl(path: Path, rows) -> Path:

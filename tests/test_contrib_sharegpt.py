@@ -25,6 +25,8 @@ from qlora_core.data import IGNORE_INDEX
 from qlora_core.errors import UsageError
 from qlora_core.trainer import Job, resolve
 
+from conftest import labelled_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "contrib" / "qlora-sharegpt"
 PLUGIN = "sharegpt-format"
@@ -89,22 +91,6 @@ def sharegpt_config(tiny_config, sharegpt_file) -> dict:
     cfg = copy.deepcopy(tiny_config)
     cfg["data"]["path"] = str(sharegpt_file)
     return cfg
-
-
-def labelled_runs(example, tok) -> list[str]:
-    """Decode each contiguous run of tokens the loss covers."""
-    runs, current = [], []
-    for tid, label in zip(example.input_ids, example.labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == tid
-            current.append(tid)
-    if current:
-        runs.append(current)
-    return [tok.decode(r) for r in runs]
 
 
 def test_not_installed_without_the_fixture():

@@ -19,6 +19,8 @@ from qlora_core.types import DatasetFormat, FormattedExample
 from qlora_plugins import formats
 from qlora_plugins.formats import ALPACA_PROMPT_NO_INPUT
 
+from conftest import labelled_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "plugins" / "data" / "secret-rules"
 
@@ -49,19 +51,7 @@ def make_dataset():
 
 def trained_runs(example: FormattedExample, tok, train_on_prompt: bool = False) -> list[str]:
     """Decode each contiguous run of tokens that the loss covers."""
-    t = tokenize_example(example, tok, 512, train_on_prompt)
-    runs, current = [], []
-    for tid, label in zip(t.input_ids, t.labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == tid
-            current.append(tid)
-    if current:
-        runs.append(current)
-    return [tok.decode(r) for r in runs]
+    return labelled_runs(tokenize_example(example, tok, 512, train_on_prompt), tok)
 
 
 # --------------------------------------------------------------------------- guanaco
