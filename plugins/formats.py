@@ -53,6 +53,9 @@ def _eos(tokenizer: Any) -> str:
 
 def _text_field(example: Mapping[str, Any], key: str) -> str:
     value = example[key]
+    # CSV and parquet readers type a column of numbers as numbers; as text they are what the user wrote.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
         raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
     return value
@@ -115,9 +118,7 @@ class AlpacaFormat:
     def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
         instruction = _text_field(example, "instruction")
         output = _text_field(example, "output")
-        input_text = example.get("input")
-        if input_text is not None and not isinstance(input_text, str):
-            raise ValueError(f"field 'input' must be a string, got {type(input_text).__name__}")
+        input_text = _text_field(example, "input") if example.get("input") is not None else None
         prompt = self._render_prompt(instruction, input_text)
         answer = output + _eos(tokenizer)
         return FormattedExample(prompt + answer, ((len(prompt), len(prompt) + len(answer)),))

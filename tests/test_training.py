@@ -237,3 +237,31 @@ def test_a_failed_run_is_marked_failed_and_leaves_no_adapter(tiny_config, tmp_pa
     assert status["status"] == "failed" and "disk full" in status["error"]
     assert not (out / "adapter").exists()
     assert len([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]) == 1
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_alpaca_data_in_csv_parquet_and_json_files_is_detected_and_loaded(tiny_config, tmp_path, suffix):
+    import datasets
+
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(10)]
+    path = tmp_path / f"alpaca{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    {".csv": table.to_csv, ".parquet": table.to_parquet, ".json": table.to_json}[suffix](str(path))
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"] = {"path": str(path), "eval_fraction": 0.2}
+    job = Job(cfg, output_dir=tmp_path / "run")
+    train, evals = job.load_data()
+    assert job.format.name == "alpaca"
+    assert (len(train), len(evals)) == (8, 2)
+
+
+def test_a_data_folder_with_train_and_test_files_gives_both_splits(tiny_config, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    row = {"text": "### Human: hi?### Assistant: hello."}
+    write_jsonl(folder / "train.jsonl", [row] * 6)
+    write_jsonl(folder / "test.jsonl", [row] * 3)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"] = {"path": str(folder)}
+    train, evals = Job(cfg, output_dir=tmp_path / "run").load_data()
+    assert (len(train), len(evals)) == (6, 3)
