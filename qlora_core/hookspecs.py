@@ -9,7 +9,8 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
 1. set-up: :func:`qlora_config_options`, :func:`qlora_configure`
 2. model name: :func:`qlora_resolve_model` (the tokenizer is loaded first, for the data)
 3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
-4. model: :func:`qlora_quantization_config`, :func:`qlora_prepare_model`, :func:`qlora_adapter_targets`
+4. model: :func:`qlora_quantization_config`, :func:`qlora_model_load_kwargs`, :func:`qlora_prepare_model`,
+   :func:`qlora_adapter_targets`
 5. optimizer: :func:`qlora_optimizer`
 6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
    :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
@@ -103,6 +104,20 @@ def qlora_quantization_config(config: "Config", compute_dtype: "torch.dtype") ->
         ``{"quantization_config": BitsAndBytesConfig(...)}``; ``{}`` loads the model unquantized.
 
     The first non-None result wins; it is a single-choice concern.
+    """
+
+
+@hookspec
+def qlora_model_load_kwargs(kwargs: "dict[str, Any]", config: "Config") -> None:
+    """Adjust the keyword arguments of ``AutoModelForCausalLM.from_pretrained`` in place, after the quant
+    strategy has added its own (``device_map``, ``max_memory``, ``attn_implementation``, ...).
+
+    :param kwargs: the arguments: ``dtype``, ``device_map``, ``revision``, ``trust_remote_code`` and the
+        quantization plugin's (usually ``quantization_config``).
+    :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
     """
 
 

@@ -166,6 +166,7 @@ class Job:
         self._overwrite = overwrite
         check_output_dir(output_dir, overwrite)  # refuse before spending minutes on loading
         self._model_path: str | None = None
+        self.run_dir: Path | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.format: DatasetFormat | None = None
@@ -258,33 +259,60 @@ class Job:
             self.sample = self.format.format(eval_rows[0], self.tokenizer)
         return self.train_examples, self.eval_examples
 
-    def load_model(self) -> Any:
-        """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters."""
-        import torch
+    def load_base_model(self, for_training: bool = True) -> Any:
+        """Load the base model, quantized by the quant plugin; for training, also prepared by the plugins
+        (k-bit preparation, gradient checkpointing)."""
         from accelerate import PartialState
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
         if self.tokenizer is None:
             self.load_tokenizer()
-        quant_kwargs = self.hook.qlora_quantization_config(config=cfg, compute_dtype=self.compute_dtype) or {}
-        # Each process loads onto its own GPU (LOCAL_RANK under torchrun / accelerate launch).
-        device_map = {"": PartialState().device} if self.device == "cuda" else {"": "cpu"}
+        kwargs: dict[str, Any] = {
+            "dtype": self.compute_dtype,
+            # Each process loads onto its own GPU (LOCAL_RANK under torchrun / accelerate launch).
+            "device_map": {"": PartialState().device} if self.device == "cuda" else {"": "cpu"},
+            "revision": cfg["model.revision"],
+            "trust_remote_code": cfg["model.trust_remote_code"],
+        }
+        kwargs.update(self.hook.qlora_quantization_config(config=cfg, compute_dtype=self.compute_dtype) or {})
+        self.hook.qlora_model_load_kwargs(kwargs=kwargs, config=cfg)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                self.model_path(), dtype=self.compute_dtype, device_map=device_map,
-                revision=cfg["model.revision"], trust_remote_code=cfg["model.trust_remote_code"], **quant_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.model_path(), **kwargs)
         except OSError as e:
             raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
                              f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
-        self.hook.qlora_prepare_model(model=model, config=cfg)
+        if for_training:
+            self.hook.qlora_prepare_model(model=model, config=cfg)
+        return model
+
+    def load_model(self) -> Any:
+        """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.config
+        model = self.load_base_model(for_training=True)
         targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]
         lora = LoraConfig(r=cfg["lora.r"], lora_alpha=cfg["lora.lora_alpha"], lora_dropout=cfg["lora.lora_dropout"],
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
         return self.model
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, overrides: Sequence[Any] = ()) -> "Job":
+        """The job of a finished (or checkpointed) run, rebuilt from its ``config.yaml`` with the same plugins;
+        for evaluation, generation and merging. Its output folder is ``run_dir`` itself (nothing is written
+        unless a caller does)."""
+        run_dir = Path(run_dir)
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
+                             f"`qlora run --output` wrote")
+        job = cls(config, overrides=overrides)
+        job.run_dir = run_dir
+        return job
 
     # ------------------------------------------------------------------ training
 

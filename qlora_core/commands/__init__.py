@@ -1,0 +1,8 @@
+"""The ``qlora`` sub-commands, one module each.
+
+A command module has ``HELP`` (one line), ``add_arguments(parser)`` and ``main(args) -> int``, and imports
+nothing heavy at module level so that ``qlora --help`` stays fast.
+"""
+
+#: Module names under ``qlora_core.commands``, in the order ``qlora --help`` lists them.
+COMMANDS = ("run", "plugins")

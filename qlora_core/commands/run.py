@@ -1,0 +1,29 @@
+"""``qlora run``: fine-tune a model."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "fine-tune a model (with no CONFIG: the embedded default job)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (default: the embedded default job)")
+    parser.add_argument("--plugin", "-p", action="append", default=[], metavar="NAME",
+                        help="use a plugin: entry-point name, module path or .py file; no:NAME turns a default off")
+    parser.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config key, e.g. --set lora.r=32")
+    parser.add_argument("--output", "-o", metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..trainer import Job
+
+    job = Job(args.config, plugins=args.plugin, overrides=args.overrides, output_dir=args.output,
+              overwrite=args.overwrite)
+    result = job.run()
+    print(f"run folder: {result.output_dir}")
+    for path in result.exports:
+        print(f"saved: {path}")
+    return 0
