@@ -343,6 +343,14 @@ def qlora_on_sample(run: "Run", stage: str, prompt: str, completion: str, refere
 
 
 @hookimpl
+def qlora_on_notice(run: "Run", message: str) -> None:
+    state = _state(run)
+    if state is None:
+        return
+    state.line(f"note: {message}")
+
+
+@hookimpl
 def qlora_on_save(run: "Run", path: Path) -> None:
     state = _state(run)
     if state is None:

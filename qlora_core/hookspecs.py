@@ -14,7 +14,8 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
 5. optimizer: :func:`qlora_optimizer`
 6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
    :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
-   :func:`qlora_on_evaluate` every ``train.eval_steps`` and at the end, the sample after training
+   :func:`qlora_on_evaluate` every ``train.eval_steps`` and at the end, :func:`qlora_on_save` for each
+   checkpoint, :func:`qlora_on_notice` for what the user should know, the sample after training
 7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
    :func:`qlora_on_train_end`
 
@@ -251,8 +252,21 @@ def qlora_on_sample(run: "Run", stage: str, prompt: str, completion: str, refere
 
 
 @hookspec
+def qlora_on_notice(run: "Run", message: str) -> None:
+    """Something the user should know that is not an error: a setting against the guide's advice, or the
+    micro-batch halved after running out of GPU memory.
+
+    :param run: the run (its ``step`` may still be 0).
+    :param message: one line.
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process; check ``run.is_main_process`` before printing.
+    """
+
+
+@hookspec
 def qlora_on_save(run: "Run", path: "Path") -> None:
-    """An exporter wrote a folder under the run folder (main process only).
+    """A checkpoint or an exporter's folder was written under the run folder (main process only).
 
     :param run: the run.
     :param path: the folder written.

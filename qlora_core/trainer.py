@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import __version__
 from .config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides, parse_overrides,
@@ -157,7 +158,18 @@ class Job:
     """
 
     def __init__(self, config: str | Path | Mapping[str, Any] | None = None, *, plugins: Sequence[str] = (),
-                 overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False):
+                 overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False,
+                 resume: str | Path | None = None):
+        self._resume_from: Path | None = None
+        if resume is not None:
+            resume = Path(resume)
+            if config is not None or plugins:
+                raise UsageError("--resume continues a run with its own config.yaml and plugins; give no CONFIG "
+                                 "or --plugin (--set may change keys such as train.max_steps)")
+            if not (resume / "config.yaml").is_file():
+                raise UsageError(f"{str(resume)!r} is not a qlora run folder (no config.yaml)")
+            config, output_dir, overwrite = resume / "config.yaml", None, False
+            self._resume_from = resume
         self.config, self.plugins = resolve(config, plugins, overrides)
         self.device = pick_device()
         self.plugins.hook.qlora_configure(config=self.config, device=self.device)
@@ -173,6 +185,7 @@ class Job:
         self.train_examples: list[TokenizedExample] = []
         self.eval_examples: list[TokenizedExample] = []
         self.sample: FormattedExample | None = None
+        self._order_cache: dict[str, Any] = {}
 
     @property
     def hook(self) -> Any:
@@ -331,16 +344,25 @@ class Job:
         return self.train()
 
     def train(self) -> RunResult:
-        """Train the loaded model on the loaded data; write metrics, exports and the run's record."""
+        """Train the loaded model on the loaded data; write metrics, checkpoints, exports and the run's record.
+
+        With ``resume`` (``Job(..., resume=True)`` or :meth:`resume`), continue from the run folder's latest
+        complete checkpoint.
+        """
         import torch
         from accelerate import Accelerator
         from transformers import get_scheduler
 
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
         cfg = self.config
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
         accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed if self.device == "cuda" else "no")
-        out = prepare_output_dir(self._output_dir, self._overwrite) if accelerator.is_main_process else None
-        if out is None:
+        if self._resume_from is not None:
+            out = Path(self._resume_from)
+        elif accelerator.is_main_process:
+            out = prepare_output_dir(self._output_dir, self._overwrite)
+        else:
             out = Path(self._output_dir or "runs/unnamed")
         model = accelerator.prepare_model(self.model, device_placement=False)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -349,47 +371,66 @@ class Job:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
-        world, rank = accelerator.num_processes, accelerator.process_index
-        bs, ga = cfg["train.per_device_train_batch_size"], cfg["train.gradient_accumulation_steps"]
-        per_rank = max(1, len(self.train_examples) // world)
-        micro_per_epoch = math.ceil(per_rank / bs)
+        world = accelerator.num_processes
+        per_step = cfg["train.per_device_train_batch_size"] * cfg["train.gradient_accumulation_steps"] * world
         if cfg["train.max_steps"] > 0:
             max_steps = cfg["train.max_steps"]
         else:
-            max_steps = max(1, math.ceil(cfg["train.num_train_epochs"] * micro_per_epoch / ga))
+            max_steps = max(1, math.ceil(cfg["train.num_train_epochs"] * len(self.train_examples) / per_step))
         scheduler = get_scheduler(cfg["train.lr_scheduler_type"], optimizer, num_warmup_steps=cfg["train.warmup_steps"],
                                   num_training_steps=max_steps)
-        pad_id = self.tokenizer.pad_token_id
+
+        state = TrainState(micro_batch_size=cfg["train.per_device_train_batch_size"])
+        rng = None
+        if self._resume_from is not None:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
+                                 f"(checkpoints are written every train.save_steps steps)")
+            saved, rng = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+            state = TrainState(**saved)
+            if state.step >= max_steps:
+                raise UsageError(f"the run already reached step {state.step} of {max_steps}; raise "
+                                 f"train.max_steps (--set train.max_steps=N) to train further")
 
         run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
                   device=str(accelerator.device), compute_dtype=str(self.compute_dtype).replace("torch.", ""),
                   model=model, tokenizer=self.tokenizer, accelerator=accelerator,
                   num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples))
         record = RunRecord(out, accelerator.is_main_process)
-        record.start(cfg, self.plugins)
+        if state.step:
+            record.resume(cfg, self.plugins, state.step)
+        else:
+            record.start(cfg, self.plugins)
         try:
-            result = self._loop(run, model, optimizer, scheduler, accelerator, record, bs, ga, world, rank,
-                                micro_per_epoch, pad_id)
+            result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
         except BaseException as e:
             record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
             raise
         record.finish("completed")
         return result
 
-    def _micro_batches(self, bs: int, world: int, rank: int, pad_id: int) -> Iterator[tuple[float, dict]]:
-        """Endless micro-batches in a seeded random order, a new order each epoch; yields (epoch, batch)."""
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The data order of one epoch: a seeded permutation, the same for a run and its resumption."""
         import torch
 
-        gen = torch.Generator().manual_seed(self.config["train.seed"])
+        if self._order_cache.get("epoch") != epoch:
+            gen = torch.Generator().manual_seed(self.config["train.seed"] * 1_000_003 + epoch)
+            self._order_cache = {"epoch": epoch, "order": torch.randperm(len(self.train_examples),
+                                                                         generator=gen).tolist()}
+        return self._order_cache["order"]
+
+    def _step_examples(self, start: int, count: int, rank: int, world: int) -> list[TokenizedExample]:
+        """This process's share of the examples ``start .. start+count`` of the endless epoch-by-epoch stream."""
         n = len(self.train_examples)
-        epoch = 0
-        while True:
-            order = torch.randperm(n, generator=gen).tolist()
-            mine = order[rank::world] if world > 1 else order
-            for i in range(0, len(mine), bs):
-                chunk = [self.train_examples[j] for j in mine[i:i + bs]]
-                yield epoch + (i + len(chunk)) / max(1, len(mine)), collate(chunk, pad_id)
-            epoch += 1
+        ids: list[int] = []
+        pos = start
+        while len(ids) < count:
+            epoch, offset = divmod(pos, n)
+            take = min(count - len(ids), n - offset)
+            ids.extend(self._epoch_order(epoch)[offset:offset + take])
+            pos += take
+        return [self.train_examples[i] for i in ids[rank::world]]
 
     def evaluate(self, model: Any = None, accelerator: Any = None) -> dict[str, float]:
         """Mean loss per answer token over the held-out data (and its perplexity)."""
@@ -442,91 +483,156 @@ class Job:
         self.hook.qlora_on_sample(run=run, stage=stage, prompt=prompt, completion=completion,
                                   reference=reference.strip())
 
-    def _loop(self, run, model, optimizer, scheduler, accelerator, record, bs, ga, world, rank,
-              micro_per_epoch, pad_id) -> RunResult:
+    def _forward_backward(self, model, examples, state, accelerator, run) -> tuple[float, int, int]:
+        """Forward and backward over one optimizer step's examples, split into micro-batches.
+
+        Out of GPU memory with ``train.auto_find_batch_size``, the micro-batch is halved (and so the number of
+        micro-batches, the gradient accumulation, doubled: the same examples make the same step) and the step
+        is tried again. Returns (loss summed over answer tokens, answer tokens, tokens), over all processes.
+        """
         import torch
 
         cfg = self.config
-        hook = self.hook
         device = accelerator.device
-        params = [p for p in model.parameters() if p.requires_grad]
-        summary: dict[str, Any] = {"steps": run.max_steps, "eval_loss_before": None, "eval_loss_after": None}
-        if self.eval_examples:
-            ev = self.evaluate(model, accelerator)
-            summary["eval_loss_before"] = ev["eval_loss"]
-            record.metric({"step": 0, **ev})
-            hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
-        self._show_sample(run, "before")
-        hook.qlora_on_train_start(run=run)
-
-        batches = self._micro_batches(bs, world, rank, pad_id)
-        model.train()
-        started = time.perf_counter()
-        window = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
-        all_tokens = 0
-        for step in range(1, run.max_steps + 1):
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(ga)]
-            epoch = micro[-1][0]
-            batch_list = [{k: v.to(device) for k, v in b.items()} for _, b in micro]
-            targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch_list),
+        pad_id = self.tokenizer.pad_token_id
+        world = accelerator.num_processes
+        while True:
+            size = state.micro_batch_size
+            batches = [{k: v.to(device) for k, v in collate(examples[i:i + size], pad_id).items()}
+                       for i in range(0, len(examples), size)]
+            targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
                                    device=device)
-            tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batch_list), device=device)
+            tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=device)
             if world > 1:
                 targets = accelerator.reduce(targets, reduction="sum")
                 tokens = accelerator.reduce(tokens, reduction="sum")
             n_targets = max(1, int(targets))
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            try:
+                for i, batch in enumerate(batches):
+                    sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        part, _ = _token_loss_sum(model, batch)
+                        # Normalise by the answer tokens of the whole step (all micro-batches, all processes),
+                        # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
+                        accelerator.backward(part * world / n_targets)
+                    loss_sum += part.detach().double()
+            except torch.OutOfMemoryError:
+                del batches
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not cfg["train.auto_find_batch_size"] or size == 1:
+                    raise UsageError(self._oom_message(run, size)) from None
+                state.micro_batch_size = size // 2
+                accum = math.ceil(len(examples) / state.micro_batch_size)
+                self.hook.qlora_on_notice(
+                    run=run, message=f"out of GPU memory at step {state.step + 1}: micro-batch {size} -> "
+                                     f"{state.micro_batch_size}, gradient accumulation -> {accum} "
+                                     f"(the effective batch is unchanged); going on")
+                continue
+            if world > 1:
+                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+            return float(loss_sum), n_targets, int(tokens)
+
+    def _oom_message(self, run: Run, size: int) -> str:
+        from .checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(run.output_dir)
+        kept = f"; the last checkpoint, {ckpt}, is kept (resume with qlora run --resume {run.output_dir})" \
+            if ckpt else ""
+        return (f"out of GPU memory at step {run.step + 1} with a micro-batch of {size}: set "
+                f"train.auto_find_batch_size=true, or lower train.per_device_train_batch_size and raise "
+                f"train.gradient_accumulation_steps, lower lora.r or train.max_seq_length, keep gradient "
+                f"checkpointing on, or add --plugin cpu-offload{kept}")
+
+    def _loop(self, run: Run, model, optimizer, scheduler, accelerator, record: "RunRecord", state: "TrainState",
+              rng: dict | None) -> RunResult:
+        import torch
+
+        from .checkpoint import save_checkpoint, set_rng_state
+
+        cfg = self.config
+        hook = self.hook
+        device = accelerator.device
+        world, rank = accelerator.num_processes, accelerator.process_index
+        params = [p for p in model.parameters() if p.requires_grad]
+        per_step = cfg["train.per_device_train_batch_size"] * cfg["train.gradient_accumulation_steps"] * world
+        n = len(self.train_examples)
+        if state.step == 0:
+            if self.eval_examples:
+                ev = self.evaluate(model, accelerator)
+                state.summary["eval_loss_before"] = ev["eval_loss"]
+                record.metric({"step": 0, **ev})
+                hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
+            self._show_sample(run, "before")
+        run.step = state.step
+        hook.qlora_on_train_start(run=run)
+        if rng is not None:
+            set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
+
+        model.train()
+        started = time.perf_counter() - state.train_seconds
+        for step in range(state.step + 1, run.max_steps + 1):
+            t0 = time.perf_counter()
+            examples = self._step_examples(state.examples_seen, per_step, rank, world)
             lr = scheduler.get_last_lr()[0]
-            for i, batch in enumerate(batch_list):
-                sync = nullcontext() if i == len(batch_list) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    part, _ = _token_loss_sum(model, batch)
-                    # Normalise by the answer tokens of the whole accumulated step (all ranks), not per
-                    # micro-batch; DDP/FSDP average gradients over ranks, hence the factor of world.
-                    accelerator.backward(part * world / n_targets)
-                loss_sum += part.detach().double()
+            loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
             grad_norm = None
             if cfg["train.max_grad_norm"] > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-            step_loss = float(loss_sum) / n_targets
+            epoch_before = state.examples_seen // n
+            state.examples_seen += per_step
+            state.step = run.step = step
+            step_loss = loss_sum / n_targets
             if not math.isfinite(step_loss):
                 raise UsageError(f"the loss became {step_loss} at step {step}; lower train.learning_rate "
                                  f"(now {cfg['train.learning_rate']:g}) or train.max_grad_norm")
             seconds = time.perf_counter() - t0
-            all_tokens += int(tokens)
-            run.step = step
-            metrics = {"step": step, "epoch": round(epoch, 4), "loss": step_loss, "learning_rate": lr,
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "tokens": int(tokens), "tokens_per_second": int(tokens) / max(seconds, 1e-9),
+            state.all_tokens += tokens
+            metrics = {"step": step, "epoch": round(state.examples_seen / n, 4), "loss": step_loss,
+                       "learning_rate": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
                        "elapsed": time.perf_counter() - started}
             if device.type == "cuda":
                 metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            summary.setdefault("first_loss", step_loss)
-            window["loss"] += float(loss_sum)
-            window["targets"] += n_targets
-            window["tokens"] += int(tokens)
-            window["seconds"] += seconds
+            state.summary.setdefault("first_loss", step_loss)
+            w = state.window
+            w["loss"] += loss_sum
+            w["targets"] += n_targets
+            w["tokens"] += tokens
+            w["seconds"] += seconds
             hook.qlora_on_step_end(run=run, metrics=metrics)
             if step % cfg["train.logging_steps"] == 0 or step == run.max_steps:
-                logged = dict(metrics, loss=window["loss"] / window["targets"],
-                              tokens_per_second=window["tokens"] / max(window["seconds"], 1e-9))
+                logged = dict(metrics, loss=w["loss"] / w["targets"],
+                              tokens_per_second=w["tokens"] / max(w["seconds"], 1e-9))
                 record.metric(logged)
-                summary["train_loss"] = logged["loss"]
-                window = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+                state.summary["train_loss"] = logged["loss"]
+                state.window = TrainState().window
             if self.eval_examples and cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0 \
                     and step != run.max_steps:
                 ev = {"step": step, **self.evaluate(model, accelerator)}
                 record.metric(ev)
                 hook.qlora_on_evaluate(run=run, metrics=ev)
+            strategy = cfg["train.save_strategy"]
+            if step != run.max_steps and (
+                    (strategy == "steps" and step % cfg["train.save_steps"] == 0)
+                    or (strategy == "epoch" and state.examples_seen // n > epoch_before)):
+                state.train_seconds = time.perf_counter() - started
+                if run.is_main_process:
+                    path = save_checkpoint(run.output_dir, step, accelerator.unwrap_model(model), optimizer,
+                                           scheduler, state.to_dict(), cfg, self.plugins,
+                                           keep=cfg["train.save_total_limit"])
+                    hook.qlora_on_save(run=run, path=path)
+                accelerator.wait_for_everyone()
+        summary = state.summary
+        summary["steps"] = run.max_steps
         train_seconds = time.perf_counter() - started
         summary["train_seconds"] = train_seconds
-        summary["tokens_per_second"] = all_tokens / max(train_seconds, 1e-9)
+        summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
             summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if self.eval_examples:
@@ -547,6 +653,30 @@ class Job:
         return RunResult(run.output_dir, run.max_steps, record.metrics, summary, exports)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands, besides the weights and the optimizer: what a checkpoint needs to continue exactly.
+
+    :ivar step: optimizer steps taken.
+    :ivar examples_seen: position in the endless stream of training examples (epoch after epoch).
+    :ivar micro_batch_size: per-device micro-batch (halved by ``train.auto_find_batch_size`` on OOM).
+    :ivar window: sums since the last logged step (loss, answer tokens, tokens, seconds).
+    :ivar summary: figures for the end-of-run summary gathered so far.
+    """
+
+    step: int = 0
+    examples_seen: int = 0
+    micro_batch_size: int = 1
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "targets": 0, "tokens": 0,
+                                                              "seconds": 0.0})
+    summary: dict[str, Any] = field(default_factory=lambda: {"eval_loss_before": None, "eval_loss_after": None})
+    all_tokens: int = 0
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
+
+
 class RunRecord:
     """The files that document a run: ``config.yaml``, ``plugins.json``, ``metrics.jsonl``, ``run.json``.
 
@@ -560,11 +690,14 @@ class RunRecord:
         self.metrics: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {}
         self._started = datetime.now().isoformat(timespec="seconds")
+        self._resumed_from: int | None = None
 
     def _write_status(self, status: str, **extra: Any) -> None:
         if not self.main:
             return
         body = {"status": status, "started": self._started, "qlora_version": __version__, **extra}
+        if self._resumed_from is not None:
+            body["resumed_from_step"] = self._resumed_from
         tmp = self.out / ".run.json.tmp"
         tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
         tmp.replace(self.out / "run.json")
@@ -575,6 +708,24 @@ class RunRecord:
         config.dump(self.out / "config.yaml")
         (self.out / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
         (self.out / "metrics.jsonl").write_text("")
+        self._write_status("running")
+
+    def resume(self, config: Config, plugins: PluginSet, step: int) -> None:
+        """Continue the record of a run from its checkpoint at ``step``: rows logged after it are dropped,
+        since the resumed run logs those steps again."""
+        rows = []
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.metrics = [r for r in rows if r.get("step", 0) <= step]
+        if not self.main:
+            return
+        previous = json.loads((self.out / "run.json").read_text()) if (self.out / "run.json").is_file() else {}
+        self._started = previous.get("started", self._started)
+        config.dump(self.out / "config.yaml")
+        (self.out / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
+        self._resumed_from = step
         self._write_status("running")
 
     def metric(self, row: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ CHECK_TEXT: dict[str, str] = {
     "data.eval_fraction": "< 1",
     "data.max_eval_samples": "> 0, or -1",
     "train.max_steps": "> 0, or -1",
+    "train.save_total_limit": "> 0, or -1",
 }
 
 

@@ -15,13 +15,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set lora.r=32")
     parser.add_argument("--output", "-o", metavar="DIR", help="run folder (default: runs/<timestamp>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR from its latest complete checkpoint (with its own config and plugins)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..trainer import Job
 
+    if args.resume and args.output:
+        raise UsageError("--resume writes into the run folder it continues; drop --output")
     job = Job(args.config, plugins=args.plugin, overrides=args.overrides, output_dir=args.output,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, resume=args.resume)
     result = job.run()
     print(f"run folder: {result.output_dir}")
     for path in result.exports:
