@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -30,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
-        if importlib.util.find_spec(f"{__package__}.commands.{name}") is None:
-            continue  # TEMPORARY while the commands are being written in parallel
         module = importlib.import_module(f".commands.{name}", __package__)
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)

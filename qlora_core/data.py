@@ -132,9 +132,13 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> "dict[str, 
 
 
 def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config",
-                  what: str) -> list[TokenizedExample]:
-    """Format and tokenize every row; rows that end up with no answer tokens are dropped."""
-    out = []
+                  what: str) -> tuple[list[FormattedExample], list[TokenizedExample]]:
+    """Format and tokenize every row; rows that end up with no answer tokens are dropped.
+
+    :returns: the kept rows, formatted and tokenized, in the same order.
+    """
+    kept: list[FormattedExample] = []
+    out: list[TokenizedExample] = []
     dropped = 0
     for i, row in enumerate(rows):
         try:
@@ -147,9 +151,10 @@ def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config
         if tok.num_target_tokens == 0:
             dropped += 1
             continue
+        kept.append(formatted)
         out.append(tok)
     if not out:
         raise UsageError(
             f"{what}: no row has answer tokens within train.max_seq_length={config['train.max_seq_length']} "
             f"({dropped} dropped); raise train.max_seq_length or check the data")
-    return out
+    return kept, out

@@ -137,6 +137,18 @@ class RunResult:
         return self.output_dir / "adapter"
 
 
+def parameter_count(model) -> int:
+    """Parameters of a model as loaded, counting each 4-bit weight by its original shape (bitsandbytes packs
+    two values a byte, so ``numel()`` would halve them)."""
+    import torch
+
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += torch.Size(state.shape).numel() if state is not None else p.numel()
+    return total
+
+
 def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
     """Sum of the next-token cross-entropy over the batch's answer tokens, and their number."""
     import torch.nn.functional as F
@@ -184,6 +196,9 @@ class Job:
         self.format: DatasetFormat | None = None
         self.train_examples: list[TokenizedExample] = []
         self.eval_examples: list[TokenizedExample] = []
+        self.eval_formatted: list[FormattedExample] = []  # the same held-out rows, as text
+        self.eval_split: str | None = None  # where the held-out rows come from, for reports
+        self.num_parameters = 0  # of the base model, once loaded
         self.sample: FormattedExample | None = None
         self._order_cache: dict[str, Any] = {}
 
@@ -236,7 +251,7 @@ class Job:
             raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
                              f"it has: {', '.join(splits)} (set data.split)")
         train_rows = splits[cfg["data.split"]]
-        eval_rows = None
+        eval_rows, self.eval_split = None, None
         if cfg["data.eval_path"]:
             eval_splits = load_rows(self._data_path(cfg["data.eval_path"]), None)
             split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
@@ -244,32 +259,33 @@ class Job:
             if split not in eval_splits:
                 raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
                                  f"it has: {', '.join(eval_splits)} (set data.eval_split)")
-            eval_rows = eval_splits[split]
+            eval_rows, self.eval_split = eval_splits[split], split
         elif cfg["data.eval_split"]:
             if cfg["data.eval_split"] not in splits:
                 raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
                                  f"it has: {', '.join(splits)} (set data.eval_split)")
-            eval_rows = splits[cfg["data.eval_split"]]
+            eval_rows, self.eval_split = splits[cfg["data.eval_split"]], cfg["data.eval_split"]
         elif cfg["data.eval_fraction"] > 0:
             if len(train_rows) < 2:
                 raise UsageError("data.eval_fraction needs at least 2 training rows")
             parts = train_rows.train_test_split(test_size=cfg["data.eval_fraction"], seed=cfg["train.seed"])
             train_rows, eval_rows = parts["train"], parts["test"]
+            self.eval_split = f"{cfg['data.split']} (held-out fraction {cfg['data.eval_fraction']:g})"
         else:
             for name in ("test", "validation"):
                 if name in splits and name != cfg["data.split"]:
-                    eval_rows = splits[name]
+                    eval_rows, self.eval_split = splits[name], name
                     break
         if eval_rows is not None and cfg["data.max_eval_samples"] > 0:
             eval_rows = eval_rows.select(range(min(len(eval_rows), cfg["data.max_eval_samples"])))
         formats, forced = self._formats()
         self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
-        self.train_examples = tokenize_rows(train_rows, self.format, self.tokenizer, cfg, "training data")
-        self.eval_examples = []
-        self.sample = None
+        _, self.train_examples = tokenize_rows(train_rows, self.format, self.tokenizer, cfg, "training data")
+        self.eval_formatted, self.eval_examples = [], []
         if eval_rows is not None and len(eval_rows):
-            self.eval_examples = tokenize_rows(eval_rows, self.format, self.tokenizer, cfg, "eval data")
-            self.sample = self.format.format(eval_rows[0], self.tokenizer)
+            self.eval_formatted, self.eval_examples = tokenize_rows(eval_rows, self.format, self.tokenizer, cfg,
+                                                                    "eval data")
+        self.sample = self.eval_formatted[0] if self.eval_formatted else None
         return self.train_examples, self.eval_examples
 
     def load_base_model(self, for_training: bool = True) -> Any:
@@ -306,6 +322,7 @@ class Job:
 
         cfg = self.config
         model = self.load_base_model(for_training=True)
+        self.num_parameters = parameter_count(model)
         targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]
         lora = LoraConfig(r=cfg["lora.r"], lora_alpha=cfg["lora.lora_alpha"], lora_dropout=cfg["lora.lora_dropout"],
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
@@ -397,6 +414,11 @@ class Job:
                   device=str(accelerator.device), compute_dtype=str(self.compute_dtype).replace("torch.", ""),
                   model=model, tokenizer=self.tokenizer, accelerator=accelerator,
                   num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples))
+        if self.num_parameters:
+            from .plan import guidance_warnings
+
+            for message in guidance_warnings(cfg, self.num_parameters, world):
+                self.hook.qlora_on_notice(run=run, message=message)
         record = RunRecord(out, accelerator.is_main_process)
         if state.step:
             record.resume(cfg, self.plugins, state.step)

@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+                         pad_token_id=None)  # SmolLM2 pads with eos: a pad row would zero the eos logit
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path, safe_serialization=True)

@@ -265,3 +265,35 @@ def test_a_data_folder_with_train_and_test_files_gives_both_splits(tiny_config, 
     cfg["data"] = {"path": str(folder)}
     train, evals = Job(cfg, output_dir=tmp_path / "run").load_data()
     assert (len(train), len(evals)) == (6, 3)
+
+
+NOTICES = """
+from qlora_core import hookimpl
+
+SEEN = []
+
+@hookimpl
+def qlora_on_notice(run, message):
+    SEEN.append(message)
+"""
+
+
+def test_settings_against_the_guide_are_warned_about_at_start(tiny_config, tmp_path):
+    plugin = tmp_path / "notices.py"
+    plugin.write_text(NOTICES)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["lora"].update(r=64, lora_alpha=16)  # the guide's own Quick Start, against its own advice
+    cfg["train"]["max_steps"] = 1
+    job = Job(cfg, plugins=[str(plugin)], output_dir=tmp_path / "run")
+    job.run()
+    seen = job.plugins.pm.get_plugin("notices").SEEN
+    assert any("lora_alpha = 2 x r = 128" in m for m in seen), seen
+
+
+def test_parameters_are_counted_at_their_original_size_in_4_bits(tiny_config, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    job = Job(tiny_config, output_dir=tmp_path / "run")
+    job.load_model()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert job.num_parameters == sum(p.numel() for p in plain.parameters())

@@ -1,0 +1,518 @@
+"""Using a finished run: load it for inference, generate answers, merge the adapter into a plain model.
+
+- :func:`load_trained` loads a run's base model in 4 bits exactly as the run trained it, with the run's
+  adapter on top (``PeftModel.from_pretrained``), and the dataset format the run was trained on, so prompts
+  are rendered like the training data.
+- :func:`generate` answers one prompt, greedy by default, streaming the text as it is produced.
+- :func:`merge` writes a plain model folder (no ``quantization_config``) that
+  ``AutoModelForCausalLM.from_pretrained`` loads on its own. The 4-bit base is *dequantized* first (each
+  bitsandbytes ``Linear4bit`` becomes an ``nn.Linear`` holding exactly the weights the 4-bit forward
+  computes with, which are what the adapter was trained against), then the adapter is merged into those
+  weights. Merging into the 4-bit weights instead would re-quantize every merged weight and lose most of
+  what the small adapter learned. The merged model is reloaded from disk and its logits compared with
+  base-4bit + adapter; :class:`MergeReport` says by how much they differ.
+
+``qlora generate`` and ``qlora merge`` are thin layers over these, and the ``merged-export`` plugin merges
+at the end of a run with the same code (:func:`merge_adapter`).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
+
+from .data import _BUILDERS, choose_format
+from .errors import UsageError
+from .types import DatasetFormat
+
+if TYPE_CHECKING:
+    import torch
+
+    from .trainer import Job
+
+#: ``--dtype`` / ``merge.dtype`` values; ``auto`` is the run's compute dtype (float32 on a CPU).
+MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+#: Written into a merged folder: where it came from and how close it is to base-4bit + adapter.
+MERGE_REPORT_FILE = "qlora-merge.json"
+
+# Prompts for the merge check, besides the first rows of the run's training data.
+CHECK_PROMPTS = ("What is the capital of France?", "Write two sentences about the sea.")
+
+
+# --------------------------------------------------------------------------- the run and its format
+
+
+def _run_status(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"status": "unreadable"}
+
+
+def _resume_hint(run_dir: Path) -> str:
+    try:
+        from .checkpoint import latest_checkpoint
+    except ImportError:
+        return ""
+    try:
+        has_checkpoint = latest_checkpoint(run_dir) is not None
+    except Exception:
+        return ""
+    return f" (finish it first: qlora run --resume {run_dir})" if has_checkpoint else ""
+
+
+def check_finished_run(run_dir: str | Path) -> Path:
+    """Return the run's ``adapter/`` folder, or raise :class:`UsageError` saying why ``run_dir`` is not a
+    finished run (not a folder, no ``config.yaml``, ``run.json`` not ``completed``, no ``adapter/``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {str(run_dir)!r} does not exist; pass the folder `qlora run --output` wrote")
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
+                         f"`qlora run --output` wrote")
+    status = _run_status(run_dir)
+    adapter = run_dir / "adapter"
+    if status is not None and status.get("status") != "completed":
+        error = f" ({status['error']})" if status.get("error") else ""
+        missing = "" if (adapter / "adapter_config.json").is_file() else "; it has no adapter"
+        raise UsageError(f"run {str(run_dir)!r} is not a finished run: run.json says status "
+                         f"{status.get('status')!r}{error}{missing}{_resume_hint(run_dir)}")
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"run {str(run_dir)!r} has no adapter/ folder (no adapter_config.json): it is not a "
+                         f"finished run, or it ran without the adapter-export plugin")
+    return adapter
+
+
+def peek_rows(job: "Job", n: int = 2) -> list[dict[str, Any]] | None:
+    """The first ``n`` rows of the run's training data, read by streaming (nothing else is loaded), or
+    ``None`` when the data cannot be read (moved, or a hub dataset while offline)."""
+    import datasets
+
+    cfg = job.config
+    path = job._data_path(cfg["data.path"])
+    p = Path(path).expanduser()
+    datasets.disable_progress_bars()
+    try:
+        if p.is_file():
+            builder = _BUILDERS.get(p.suffix.lower())
+            if builder is None:
+                return None
+            loaded = datasets.load_dataset(builder, data_files={"train": str(p)}, streaming=True)
+        elif p.is_dir():
+            loaded = datasets.load_dataset(str(p), streaming=True)
+        elif os.sep in path or path.startswith("."):
+            return None
+        else:
+            loaded = datasets.load_dataset(path, streaming=True)
+        if cfg["data.split"] not in loaded:
+            return None
+        return [dict(row) for row in itertools.islice(loaded[cfg["data.split"]], n)]
+    except Exception:  # datasets raises many kinds; the format then falls back (see run_format)
+        return None
+
+
+def _fallback_format(formats: Sequence[DatasetFormat], tokenizer: Any) -> DatasetFormat:
+    name = "chat" if getattr(tokenizer, "chat_template", None) else "guanaco"
+    for f in formats:
+        if f.name == name:
+            return f
+    from qlora_plugins.formats import ChatFormat, GuanacoFormat
+
+    return ChatFormat() if name == "chat" else GuanacoFormat()
+
+
+def run_format(job: "Job", tokenizer: Any, rows: list[dict[str, Any]] | None = None) -> DatasetFormat:
+    """The dataset format the run trained with: ``data.format`` if set, else a requested formatter plugin,
+    else the one detected from the training data's columns (read cheaply, see :func:`peek_rows`). When the
+    data cannot be read: the chat format if the tokenizer has a chat template, else guanaco."""
+    formats, forced = job._formats()
+    wanted = job.config["data.format"]
+    if wanted is not None:
+        for f in formats:
+            if f.name == wanted:
+                return f
+        return choose_format(formats, [], wanted)  # raises the usual "not a known format" error
+    if forced and len(formats) == 1:
+        return formats[0]
+    rows = peek_rows(job) if rows is None else rows
+    if rows:
+        try:
+            return choose_format(formats, list(rows[0]), None, forced)
+        except UsageError:
+            pass
+    return _fallback_format(formats, tokenizer)
+
+
+def format_prompt(fmt: DatasetFormat, tokenizer: Any, user_text: str) -> tuple[str, bool]:
+    """``fmt.prompt(user_text)`` and whether the tokenizer should add its special tokens to it, as the
+    training data was tokenized (not when the format's text already holds them, as a chat template's does)."""
+    prompt = fmt.prompt(user_text, tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = fmt.name != "chat" and not (bos and prompt.startswith(bos))
+    return prompt, add_special_tokens
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_tokenizer(job: "Job", adapter_dir: Path) -> Any:
+    """The tokenizer saved with the adapter (as the run used it), else the base model's."""
+    from transformers import AutoTokenizer
+
+    if any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(adapter_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        job.tokenizer = tok
+        return tok
+    return job.load_tokenizer()
+
+
+def use_float32_kernels(model: Any) -> None:
+    """Keep bitsandbytes' float32 4-bit kernel on CPUs with AVX512-BF16: in eval mode bitsandbytes would
+    otherwise repack the weights for a bf16 kernel (less exact, and a layout that cannot be dequantized
+    exactly). The run trained and evaluated through the float32 kernel (see plugins/nf4.py)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_peft(job: "Job", adapter_dir: Path) -> Any:
+    """Base in 4 bits (as the run trained it) + the adapter, in eval mode."""
+    from peft import PeftModel
+
+    base = job.load_base_model(for_training=False)
+    use_float32_kernels(base)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def load_trained(run_dir: str | Path, overrides: Sequence[Any] = ()) -> tuple["Job", Any, Any, DatasetFormat]:
+    """Load a finished run for inference.
+
+    :returns: ``(job, model, tokenizer, fmt)``: the run's rebuilt :class:`~qlora_core.trainer.Job`, its base
+        model in 4 bits with the adapter (a ``PeftModel`` in eval mode), the tokenizer saved with the
+        adapter, and the run's dataset format (``fmt.prompt(text, tokenizer)`` renders a question like the
+        training data; :func:`format_prompt` also says how to tokenize it).
+    :raises UsageError: when ``run_dir`` is not a finished run.
+    """
+    from .trainer import Job
+
+    adapter_dir = check_finished_run(run_dir)
+    job = Job.from_run(run_dir, overrides=overrides)
+    tokenizer = _load_tokenizer(job, adapter_dir)
+    fmt = run_format(job, tokenizer)
+    job.format = fmt
+    model = _load_peft(job, adapter_dir)
+    job.model = model
+    return job, model, tokenizer, fmt
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _streamer(tokenizer: Any, stream: TextIO) -> Any:
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:  # the answer's first token often carries a space (" The ..."): not shown
+                text = text.lstrip()
+                self.started = bool(text)
+            stream.write(text + ("\n" if stream_end else ""))
+            stream.flush()
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(value)
+    return ids
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256, stream_to: TextIO | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, add_special_tokens: bool = True) -> str:
+    """The model's answer to an already formatted prompt, until eos or ``max_new_tokens``.
+
+    Greedy when ``temperature`` is 0, else sampled with ``temperature`` and ``top_p``. With ``stream_to``
+    (a text stream such as ``sys.stdout``), the answer is written there as it is produced, then a newline.
+
+    :returns: the answer text, special tokens removed, surrounding whitespace stripped.
+    """
+    import torch
+
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (got {temperature:g})")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {top_p:g})")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
+                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _eos_ids(model, tokenizer)}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stream_to is not None:
+        kwargs["streamer"] = _streamer(tokenizer, stream_to)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(**enc, **kwargs)
+    finally:
+        if was_training:
+            model.train()
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# --------------------------------------------------------------------------- dequantize and merge
+
+
+def dequantize_4bit_model(model: Any, dtype: "torch.dtype") -> Any:
+    """Replace every bitsandbytes ``Linear4bit`` of ``model`` by an ``nn.Linear`` in ``dtype`` holding the
+    weights the 4-bit layer computes with (``bitsandbytes.functional.dequantize_4bit``), cast the rest of the
+    model to ``dtype``, and drop the model's quantization settings, so it saves and loads as a plain model.
+    In place; returns ``model``."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # Repacked for the AVX512-BF16 kernel by an eval-mode forward: undo it (bitsandbytes' own inverse;
+            # the scales went through bf16). qlora's loaders keep the float32 kernel, so this is a fallback.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+            weight.data, weight.quant_state = data, state
+        dense = dequantize_4bit(data, state).to(dtype)
+        with torch.device("meta"):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight = torch.nn.Parameter(dense, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+            remove_hook_from_module(module)
+            add_hook_to_module(linear, hook)
+        model.set_submodule(name, linear)
+    # What transformers' quantizer.remove_quantization_config does, plus the 4-bit flag.
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                setattr(model, attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.is_loaded_in_4bit = False
+    model.is_loaded_in_8bit = False
+    model.to(dtype)
+    return model
+
+
+def resolve_dtype(name: str, job: "Job") -> "torch.dtype":
+    """A ``--dtype`` / ``merge.dtype`` value; ``auto`` is the run's compute dtype."""
+    import torch
+
+    if name not in MERGE_DTYPES:
+        raise UsageError(f"dtype {name!r} is not one of {', '.join(MERGE_DTYPES)}")
+    return job.compute_dtype if name == "auto" else getattr(torch, name)
+
+
+@dataclass
+class MergeReport:
+    """How close the merged model is to what it replaces.
+
+    :ivar output_dir: the merged model's folder.
+    :ivar dtype: the merged model's dtype.
+    :ivar max_abs_diff: the largest absolute difference between the logits of the merged model (reloaded
+        from disk) and those of base-4bit + adapter, over every position of the check texts.
+    :ivar logit_scale: the largest absolute logit of base-4bit + adapter over the same positions.
+    :ivar adapter_effect: the largest absolute logit difference the adapter makes (base-4bit + adapter
+        against base-4bit alone): what a merge that lost the adapter would be off by.
+    :ivar num_texts / num_tokens: what was compared.
+    """
+
+    output_dir: str
+    dtype: str
+    max_abs_diff: float
+    logit_scale: float
+    adapter_effect: float
+    num_texts: int
+    num_tokens: int
+
+    def summary(self) -> str:
+        return (f"merged model vs base-4bit + adapter ({self.num_texts} texts, {self.num_tokens} tokens, "
+                f"{self.dtype}): max |logit difference| {self.max_abs_diff:.3g}; logits up to "
+                f"{self.logit_scale:.3g} in absolute value; the adapter itself changes them by up to "
+                f"{self.adapter_effect:.3g}")
+
+
+def check_texts(job: "Job", fmt: DatasetFormat, tokenizer: Any,
+                rows: list[dict[str, Any]] | None = None) -> list[tuple[str, bool]]:
+    """Texts to compare logits on: the first training rows rendered in full (prompt and answer, where the
+    adapter matters most) and a few questions rendered as prompts, each with its ``add_special_tokens``."""
+    texts: list[tuple[str, bool]] = []
+    for row in (peek_rows(job) if rows is None else rows) or []:
+        try:
+            example = fmt.format(row, tokenizer)
+        except Exception:
+            continue
+        texts.append((example.text, example.add_special_tokens))
+    texts.extend(format_prompt(fmt, tokenizer, q) for q in CHECK_PROMPTS)
+    return texts
+
+
+def _logits(model: Any, tokenizer: Any, texts: list[tuple[str, bool]], max_length: int) -> list["torch.Tensor"]:
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for text, special in texts:
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=special, truncation=True,
+                            max_length=max_length).to(device)
+            out.append(model(**enc).logits[0].float().cpu())
+    return out
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_merge_output(output_dir: str | Path, overwrite: bool, run_dir: str | Path | None = None) -> Path:
+    """Refuse an output that is a file, a non-empty folder without ``overwrite``, or that holds the run."""
+    from .trainer import check_output_dir
+
+    out = Path(output_dir)
+    if run_dir is not None:
+        run, target = Path(run_dir).resolve(), out.resolve()
+        inside = (target, *target.parents)
+        if target == run or target in run.parents or any(run / name in inside for name in ("adapter", "checkpoints")):
+            raise UsageError(f"--output {str(out)!r} would replace the run folder, its adapter or its checkpoints; "
+                             f"choose a folder outside {str(run_dir)!r} (or a new sub-folder of it)")
+    check_output_dir(out, overwrite)
+    return out
+
+
+def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, dtype: "torch.dtype",
+                  tokenizer: Any, fmt: DatasetFormat | None = None, overwrite: bool = False,
+                  source: str | None = None, adapter_name: str | None = None) -> MergeReport:
+    """Merge the adapter in ``adapter_dir`` into ``job``'s dequantized base and save a plain model folder.
+
+    1. base-4bit + adapter, loaded as the run trained it, gives the reference logits;
+    2. the base is loaded in 4 bits again, dequantized to ``dtype`` (:func:`dequantize_4bit_model`), the adapter
+       loaded onto it and merged (``merge_and_unload``);
+    3. the merged model and the tokenizer are saved into a temporary folder next to ``output_dir``;
+    4. the merged model is reloaded from there in ``dtype`` and its logits compared with the reference;
+    5. the report is written into the folder (``qlora-merge.json``), which is renamed to ``output_dir``.
+
+    One model is in memory at a time. ``output_dir`` is checked first (see :func:`check_merge_output`).
+    ``source`` (the run folder) and ``adapter_name`` (the adapter, when ``adapter_dir`` is a temporary copy)
+    are recorded in the report file.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    out = Path(output_dir)
+    from .trainer import check_output_dir
+
+    check_output_dir(out, overwrite)
+    rows = peek_rows(job)
+    fmt = fmt if fmt is not None else run_format(job, tokenizer, rows)
+    texts = check_texts(job, fmt, tokenizer, rows)
+    max_length = max(16, min(job.config["train.max_seq_length"], 256))
+
+    reference = _load_peft(job, adapter_dir)
+    ref_logits = _logits(reference, tokenizer, texts, max_length)
+    with reference.disable_adapter():
+        plain_logits = _logits(reference, tokenizer, texts, max_length)
+    del reference
+    _free()
+
+    base = job.load_base_model(for_training=False)
+    use_float32_kernels(base)
+    dequantize_4bit_model(base, dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del merged, base
+        _free()
+        device = {"": "cuda"} if job.device == "cuda" else {"": "cpu"}
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=device).eval()
+        new_logits = _logits(reloaded, tokenizer, texts, max_length)
+        del reloaded
+        _free()
+        report = MergeReport(
+            output_dir=str(out), dtype=str(dtype).replace("torch.", ""),
+            max_abs_diff=max(float((a - b).abs().max()) for a, b in zip(new_logits, ref_logits)),
+            logit_scale=max(float(a.abs().max()) for a in ref_logits),
+            adapter_effect=max(float((a - b).abs().max()) for a, b in zip(ref_logits, plain_logits)),
+            num_texts=len(texts), num_tokens=sum(a.shape[0] for a in ref_logits))
+        record = {"source_run": source, "adapter": adapter_name or str(adapter_dir),
+                  "base_model": job.config["model.name_or_path"], "format": fmt.name, **asdict(report)}
+        (tmp / MERGE_REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        check_output_dir(out, overwrite)  # nothing appeared there meanwhile
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def merge(run_dir: str | Path, output_dir: str | Path, dtype: str = "auto", overwrite: bool = False,
+          overrides: Sequence[Any] = ()) -> MergeReport:
+    """Merge a finished run's adapter into its dequantized base model and save it as a plain model folder
+    (see :func:`merge_adapter`).
+
+    :param dtype: ``bfloat16``, ``float16``, ``float32`` or ``auto`` (the run's compute dtype).
+    :raises UsageError: when ``run_dir`` is not a finished run, or ``output_dir`` is not empty (without
+        ``overwrite``) or would replace the run.
+    """
+    from .trainer import Job
+
+    adapter_dir = check_finished_run(run_dir)
+    check_merge_output(output_dir, overwrite, run_dir)
+    job = Job.from_run(run_dir, overrides=overrides)
+    torch_dtype = resolve_dtype(dtype, job)
+    tokenizer = _load_tokenizer(job, adapter_dir)
+    return merge_adapter(job, adapter_dir, output_dir, torch_dtype, tokenizer, overwrite=overwrite,
+                         source=str(run_dir))

@@ -1,0 +1,814 @@
+"""Plan a QLoRA run before spending GPU time on it: the guide's hyperparameters for the model's size, the
+trainable LoRA parameters, and an estimate of the peak GPU memory per device.
+
+Everything is computed from the model's ``config.json`` alone: the model is built on the meta device
+(``accelerate.init_empty_weights`` + ``AutoModelForCausalLM.from_config``), so no weights are read or
+downloaded beyond the config, and an 8B model plans in about a second.
+
+The recommendations
+-------------------
+:func:`recommend` applies the QLoRA guide's tables (``lora_alpha = 2 x r``):
+
+======  ===============  ==================  =========================================
+row     LoRA rank r      learning rate       used for models of
+======  ===============  ==================  =========================================
+7B      8-16             2e-4 .. 3e-4        below 9.5B (also below the table: < 7B)
+13B     16-32            2e-4 .. 3e-4        9.5B .. 30B
+70B     32-64            1e-4 .. 2e-4        30B .. 168B
+405B    64-128           5e-5 .. 1e-4        168B and more
+======  ===============  ==================  =========================================
+
+A size between two rows takes the row nearer on a log scale (the boundaries are the geometric means of
+neighbouring rows: sqrt(7 x 13) = 9.5B, sqrt(13 x 70) = 30B, sqrt(70 x 405) = 168B). The effective batch
+(``per_device_train_batch_size x gradient_accumulation_steps x GPUs``) the guide recommends is 64-128 for
+instruction tuning (256-512 for continued pretraining).
+
+The memory model
+----------------
+Notation: ``T = per_device_train_batch_size x max_seq_length`` tokens per micro-batch, ``L`` layers, hidden
+size ``h``, MLP size ``i``, ``nh`` query heads, ``qd = nh x head_dim``, ``kv = kv_heads x head_dim``,
+vocabulary ``V``, ``a`` bytes of the compute dtype (2 for bf16), ``s`` bytes of the residual stream, LoRA rank
+``r``, ``m = 1`` byte (a bool dropout mask) when ``lora_dropout > 0``, else 0, ``N`` GPUs.
+
+Static, sharded by FSDP (divided by ``N``):
+
+* **4-bit linear weights**: every ``nn.Linear`` but the output head, at 0.5 byte/param.
+* **quantization constants**: blockwise absmax, block size 64. Plain: one fp32 per block = 32/64 = 0.5
+  bits/param. Double quantization (``bnb_4bit_use_double_quant``) stores them as 8 bits with one fp32 per 256
+  blocks: 8/64 + 32/(64 x 256) = 0.127 bits/param (the QLoRA paper's figure).
+* **non-quantized weights** (embeddings, output head, norms, biases): fp32, because PEFT's
+  ``prepare_model_for_kbit_training`` (which the ``nf4`` plugin runs) upcasts every non-4-bit parameter to
+  fp32; in the compute dtype when the model is not loaded in 4 bits. Tied embeddings count once.
+* **LoRA weights** (fp32, ``r x (in + out)`` per adapted linear), their **gradients** (fp32) and the
+  **optimizer states**: paged AdamW 8-bit keeps two 1-byte states per parameter (2 bytes/param), 32-bit AdamW
+  two fp32 states (8 bytes/param). Paged states live in CUDA managed memory: they can be evicted to the CPU
+  under pressure and ``torch.cuda.max_memory_allocated`` does not count them (they are small next to the rest).
+
+Activations (per GPU, not sharded). With the fp32 upcast the residual stream is fp32 (``s = 4``): the
+embeddings are fp32 and bitsandbytes returns its matmul outputs in the input's dtype. The tensors kept for the
+backward pass of one decoder layer, in bytes per token (derived from the code of transformers' Llama layer,
+PEFT's LoRA layer and bitsandbytes' ``MatMul4Bit``, which keeps no activation for the frozen 4-bit weight;
+checked on the CPU with a tensor-allocation tracker to within 2%)::
+
+    P_layer = 2 x 4h                      two RMSNorms keep their fp32 input
+            + a(qd + 2kv) + a.qd + 4nh    SDPA keeps q, k, v, its output and the log-sum-exp
+            + 3 s i   (2 s i ungated)     gate, up and act(gate) outputs of a gated MLP
+            + per adapted linear: a d_in  (LoRA's input, cast to bf16 by autocast) + m d_in (dropout mask) + a r
+            [+ 6 nh seq                   only for eager attention: the softmax output, fp32 and bf16]
+
+* **with gradient checkpointing** the layers keep only their inputs: ``L x T x h x s``; the peak working set
+  is the larger of the loss (below) and one recomputed layer during backward:
+  ``T x (P_layer + 2 s (h + i))`` (the layer's activations plus the gradients flowing through it).
+* **without** every layer keeps ``T x P_layer``, plus the KV cache transformers builds when ``use_cache`` stays
+  on (``2 s kv`` per token and layer; the ``gradient-checkpointing`` plugin turns it off).
+* **logits and loss**: qlora's trainer gets fp32 logits (accelerate's autocast wrapper converts the bf16
+  output), indexes the answer tokens (a copy) and takes ``log_softmax``: three fp32 tensors of ``T x V``
+  in the forward pass, and again three in the backward pass (the saved log-probabilities, their gradient
+  and the input gradient): **12 bytes per logit**. A loop that calls the model with ``labels`` and keeps
+  its output alive through ``backward()`` (transformers' loss, the guide's recipe) also holds the bf16
+  logits: 14 bytes (``loss="transformers"``). For a large vocabulary this term dominates: Llama-3's 128,256
+  tokens at T = 8,192 make 11.7 GiB. Add the output head's weight cast to bf16 by autocast and kept for its
+  backward (``a x V x h`` when the head is fp32), the final norm's input and the head's bf16 input
+  (``T x h x (4 + a)``).
+
+Transient buffers: the largest 4-bit layer dequantized for its matmul (``a x in x out``) plus 64 MiB of
+workspaces; with ``N > 1`` also what FSDP gathers: the root unit (embeddings, head, final norm: not
+resharded during the step) and two decoder layers (the current one and the prefetched one).
+
+Peak allocated = static + stored activations + peak working set + transient buffers. It estimates
+``torch.cuda.max_memory_allocated``. What ``nvidia-smi`` shows is more: the **budget** adds the CUDA context
+(about 0.6 GiB) and the caching allocator's reserve (5% of the peak).
+
+Calibration (Llama-3-8B shape, seq 2048, batch 4, r = 16 all-linear, NF4 double quant, paged AdamW 8-bit,
+gradient checkpointing, bf16). Measured on an H200, the seed's recipe peaked at 27.3 GiB allocated. The model
+gives 26.7 GiB for a loop like the seed's (transformers' loss, ``loss="transformers"``): 2.2% under the
+measurement, and 24.7 GiB for qlora's own loop (12 bytes per logit instead of 14). Two more measurements of
+the same shape agree as closely: without the fp32 upcast 21.4 GiB measured, 21.8 estimated (+1.7%); FSDP over
+2 GPUs without the upcast, AdamW 32-bit: 19.9 GiB per GPU measured, 20.1 estimated (+1.1%). Without
+checkpointing the estimate is 106 GiB with SDPA attention and 202 GiB with eager attention (the seed's recipe
+ran out of memory on the 139 GiB GPU). On the CPU, a tracker of every tensor allocation (PyTorch dispatch)
+running this pipeline on scaled-down Llama layers agreed with the activation terms to within 2.5%.
+``benchmarks/plan_check.py`` measures qlora's own pipeline on a GPU against this estimate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .plugins import PluginSet
+
+GIB = 2 ** 30
+
+# --------------------------------------------------------------------------- the guide's tables
+
+
+@dataclass(frozen=True)
+class GuideRow:
+    """One row of the guide's hyperparameter tables."""
+
+    label: str
+    n_params: float
+    r_range: tuple[int, int]
+    lr_range: tuple[float, float]
+    #: what the guide's own workflows use for this size (inside the row's ranges)
+    r: int
+    lr: float
+
+
+#: The QLoRA guide's "LoRA Rank" and "Learning Rate" tables, by model size.
+GUIDE_ROWS: tuple[GuideRow, ...] = (
+    GuideRow("7B", 7e9, (8, 16), (2e-4, 3e-4), 16, 2e-4),
+    GuideRow("13B", 13e9, (16, 32), (2e-4, 3e-4), 16, 2e-4),
+    GuideRow("70B", 70e9, (32, 64), (1e-4, 2e-4), 32, 2e-4),
+    GuideRow("405B", 405e9, (64, 128), (5e-5, 1e-4), 64, 1e-4),
+)
+#: The guide's recommended effective batch sizes.
+INSTRUCTION_BATCH = (64, 128)
+PRETRAINING_BATCH = (256, 512)
+#: Below this effective batch a warning is given (the guide: 64-128 for instruction tuning).
+MIN_EFFECTIVE_BATCH = 8
+#: How far (a factor) the learning rate may leave the guide's range before a warning.
+LR_TOLERANCE = 3.0
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The guide's hyperparameters for a model of ``n_params`` parameters.
+
+    :ivar row: the table row used (``"7B"``, ...); ``basis`` says why.
+    :ivar r_range / r: the recommended LoRA rank range and the suggested rank.
+    :ivar lora_alpha: ``2 x r``.
+    :ivar lr_range / learning_rate: the recommended learning-rate range and the suggested rate.
+    :ivar effective_batch: the guide's effective batch range for instruction tuning.
+    """
+
+    n_params: int
+    row: str
+    basis: str
+    r_range: tuple[int, int]
+    r: int
+    lora_alpha: int
+    lr_range: tuple[float, float]
+    learning_rate: float
+    effective_batch: tuple[int, int] = INSTRUCTION_BATCH
+    pretraining_batch: tuple[int, int] = PRETRAINING_BATCH
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+def _row_for(n_params: float) -> GuideRow:
+    """The nearest table row on a log scale (everything below 7B takes the 7B row)."""
+    for lower, upper in itertools.pairwise(GUIDE_ROWS):
+        if n_params < math.sqrt(lower.n_params * upper.n_params):
+            return lower
+    return GUIDE_ROWS[-1]
+
+
+def recommend(n_params: float) -> Recommendation:
+    """The guide's LoRA rank, ``lora_alpha = 2 x r``, learning rate and effective batch for a model size.
+
+    Sizes between the table's rows take the row nearer on a log scale; sizes below the table (< 7B) take the
+    7B row (r 8-16, learning rate 2e-4 .. 3e-4); sizes above 405B the 405B row. The suggested ``r`` and learning
+    rate are those of the guide's own workflows, which lie inside the row's ranges.
+    """
+    if not n_params or n_params <= 0:
+        raise ValueError(f"n_params must be positive (got {n_params!r})")
+    row = _row_for(float(n_params))
+    if n_params < GUIDE_ROWS[0].n_params:
+        basis = "7B row (the tables start at 7B)"
+    else:
+        basis = f"{row.label} row (the nearest on a log scale)"
+    return Recommendation(n_params=int(n_params), row=row.label, basis=basis, r_range=row.r_range, r=row.r,
+                          lora_alpha=2 * row.r, lr_range=row.lr_range, learning_rate=row.lr)
+
+
+def _lr_upper_tolerance(n_params: float) -> float:
+    """The factor above the row's top learning rate that still passes without a warning.
+
+    The guide has no row below 7B; smaller models train well at higher rates (the embedded default job uses
+    1e-3 on 135M parameters), so below 7B the factor grows with sqrt(7B / size), up to 10x more.
+    """
+    if n_params >= GUIDE_ROWS[0].n_params:
+        return LR_TOLERANCE
+    return LR_TOLERANCE * min(10.0, math.sqrt(GUIDE_ROWS[0].n_params / n_params))
+
+
+def effective_batch(config: Config, gpus: int = 1) -> int:
+    return config["train.per_device_train_batch_size"] * config["train.gradient_accumulation_steps"] * gpus
+
+
+def guidance_warnings(config: Config, n_params: float, gpus: int = 1) -> list[str]:
+    """Settings that go against the guide, each naming its recommendation (warnings, not errors).
+
+    * ``lora_alpha`` outside ``[r, 4r]`` (the guide: ``2 x r``);
+    * the learning rate outside the size's range by more than a factor of 3 (below 7B parameters the upper
+      limit grows with ``sqrt(7B / size)``, up to 30x: the guide has no row for small models);
+    * ``r`` below half or above twice the size's range;
+    * an effective batch (per device x accumulation x GPUs) below 8 (the guide: 64-128 for instruction
+      tuning);
+    * fp16 compute (the guide: "risky") or FP4 instead of NF4;
+    * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP).
+
+    The embedded default job (135M parameters, r 16, alpha 32, learning rate 1e-3, effective batch 8) gets
+    none: its rate is 3.3x the 7B row's top, within the 22x a 135M model is allowed; :func:`guidance_notes` says
+    so.
+    """
+    rec = recommend(n_params)
+    out: list[str] = []
+    r = config["lora.r"]
+    alpha = config["lora.lora_alpha"]
+    if not r <= alpha <= 4 * r:
+        out.append(f"lora.lora_alpha={alpha:g} with lora.r={r} scales the adapters by alpha/r = {alpha / r:.3g}; "
+                   f"the guide recommends lora_alpha = 2 x r = {2 * r}")
+    lo, hi = rec.lr_range
+    lr = config["train.learning_rate"]
+    top = hi * _lr_upper_tolerance(n_params)
+    if lr < lo / LR_TOLERANCE or lr > top:
+        which = "above" if lr > hi else "below"
+        out.append(f"train.learning_rate={short_float(lr)} is far {which} the guide's {short_float(lo)} .. "
+                   f"{short_float(hi)} for {human_count(n_params)} parameters ({rec.row} row); try "
+                   f"{short_float(rec.learning_rate)}")
+    r_lo, r_hi = rec.r_range
+    if r < r_lo / 2 or r > r_hi * 2:
+        out.append(f"lora.r={r} is far outside the guide's {r_lo}-{r_hi} for {human_count(n_params)} parameters "
+                   f"({rec.row} row); try r={rec.r} with lora_alpha={rec.lora_alpha}")
+    eff = effective_batch(config, gpus)
+    if eff < MIN_EFFECTIVE_BATCH:
+        out.append(f"effective batch {eff} (per_device_train_batch_size {config['train.per_device_train_batch_size']}"
+                   f" x gradient_accumulation_steps {config['train.gradient_accumulation_steps']} x {gpus} GPU"
+                   f"{'s' if gpus != 1 else ''}) is below {MIN_EFFECTIVE_BATCH}; the guide recommends "
+                   f"{INSTRUCTION_BATCH[0]}-{INSTRUCTION_BATCH[1]} for instruction tuning: raise "
+                   f"train.gradient_accumulation_steps")
+    if config["quant.bnb_4bit_compute_dtype"] == "float16":
+        out.append("quant.bnb_4bit_compute_dtype=float16: the guide calls fp16 compute risky (precision "
+                   "issues); it recommends bfloat16 (auto picks it where the GPU supports it)")
+    if config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_type"] != "nf4":
+        out.append(f"quant.bnb_4bit_quant_type={config['quant.bnb_4bit_quant_type']}: the guide recommends nf4")
+    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] != "bfloat16":
+        out.append(f"{gpus} GPUs with quant.bnb_4bit_quant_storage={config['quant.bnb_4bit_quant_storage']}: the "
+                   f"guide calls bnb_4bit_quant_storage=bfloat16 critical for FSDP (4-bit layers must be wrapped "
+                   f"like the others)")
+    return out
+
+
+def guidance_notes(config: Config, n_params: float, gpus: int = 1) -> list[str]:
+    """Informative notes: a learning rate or rank outside the guide's range but inside the warning thresholds.
+
+    An effective batch between 8 and the guide's 64 gets no note: ``qlora plan`` shows it next to the
+    recommendation anyway, and small datasets (the embedded job's 400 examples) are better served by it.
+    """
+    rec = recommend(n_params)
+    out: list[str] = []
+    lo, hi = rec.lr_range
+    lr = config["train.learning_rate"]
+    if (hi < lr <= hi * _lr_upper_tolerance(n_params)) or (lo / LR_TOLERANCE <= lr < lo):
+        which = "above" if lr > hi else "below"
+        why = ("; usual for a model this small: the guide has no row below 7B, and small models take higher rates"
+               if lr > hi and n_params < GUIDE_ROWS[0].n_params else "")
+        out.append(f"train.learning_rate={short_float(lr)} is {which} the guide's {short_float(lo)} .. "
+                   f"{short_float(hi)} ({rec.row} row){why}")
+    r = config["lora.r"]
+    r_lo, r_hi = rec.r_range
+    if (r_lo / 2 <= r < r_lo) or (r_hi < r <= 2 * r_hi):
+        out.append(f"lora.r={r} is outside the guide's {r_lo}-{r_hi} ({rec.row} row)")
+    return out
+
+
+# --------------------------------------------------------------------------- the model's shape
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs to know about a model, read from its meta-device instance."""
+
+    model_type: str
+    n_params: int
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    gated_mlp: bool
+    attn_implementation: str
+    use_cache: bool
+    supports_checkpointing: bool
+    #: linear layers but the output head: (qualified name, in, out, has bias)
+    linears: list[tuple[str, int, int, bool]]
+    #: the output head: (in, out) or None
+    head: tuple[int, int] | None
+    #: the first decoder layer's linear layers: (name relative to the layer, in, out)
+    layer_linears: list[tuple[str, int, int]]
+    n_bias: int
+    n_quantizable: int
+    #: parameters of one decoder layer
+    layer_params: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _first(cfg: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def load_meta_model(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """``(config, model)``: the model of ``path``'s config, built on the meta device (no weights)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) or local.exists():
+        if not local.is_dir():
+            raise UsageError(f"model folder {path!r} does not exist (check --model / model.name_or_path)")
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model folder {path!r} has no config.json (check --model / model.name_or_path)")
+    try:
+        hf_config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"could not read the config of model {path!r}: {first} (check --model / "
+                         f"model.name_or_path)") from None
+    try:
+        with init_empty_weights(include_buffers=True), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"model {path!r} is not a causal language model transformers can build: {first}") from None
+    return hf_config, model
+
+
+def model_shape(hf_config: Any, model: Any) -> ModelShape:
+    """Read a :class:`ModelShape` from a (meta-device) model and its config."""
+    import torch
+
+    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    seen: set[int] = set()
+    n_params = 0
+    for p in model.parameters():  # tied parameters count once
+        if id(p) not in seen:
+            seen.add(id(p))
+            n_params += p.numel()
+    head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head_module:
+            linears.append((name, module.in_features, module.out_features, module.bias is not None))
+    head = None
+    if isinstance(head_module, torch.nn.Linear):
+        head = (head_module.in_features, head_module.out_features)
+    n_layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0))
+    layer = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            layer = module[0]
+            break
+    layer_linears = []
+    layer_params = 0
+    if layer is not None:
+        layer_linears = [(n, m.in_features, m.out_features) for n, m in layer.named_modules()
+                         if isinstance(m, torch.nn.Linear)]
+        layer_params = sum(p.numel() for p in layer.parameters())
+    hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model"))
+    heads = int(_first(cfg, "num_attention_heads", "n_head", "num_heads"))
+    kv_heads = int(_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads))
+    head_dim = int(_first(cfg, "head_dim", default=hidden // heads))
+    intermediate = _first(cfg, "intermediate_size", "n_inner", "ffn_dim")
+    if intermediate is None:
+        outs = [o for _, i, o in layer_linears if i == hidden and o != hidden]
+        intermediate = max(outs) if outs else 4 * hidden
+    intermediate = int(intermediate)
+    up_like = [(i, o) for _, i, o in layer_linears if i == hidden and o in (intermediate, 2 * intermediate)]
+    gated = len(up_like) >= 2 or any(o == 2 * intermediate for _, o in up_like)
+    vocab = int(_first(cfg, "vocab_size", default=head[1] if head else 0))
+    attn = getattr(hf_config, "_attn_implementation", None) or "sdpa"
+    n_bias = sum(1 for *_, b in linears if b)
+    return ModelShape(
+        model_type=str(getattr(hf_config, "model_type", "?")), n_params=n_params, n_layers=n_layers,
+        hidden_size=hidden, intermediate_size=intermediate, num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, vocab_size=vocab, tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        gated_mlp=gated, attn_implementation=str(attn), use_cache=bool(getattr(cfg, "use_cache", False)),
+        supports_checkpointing=bool(getattr(model, "supports_gradient_checkpointing", False)),
+        linears=linears, head=head, layer_linears=layer_linears, n_bias=n_bias,
+        n_quantizable=sum(i * o for _, i, o, _ in linears), layer_params=layer_params,
+    )
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule for a list of ``target_modules``: the module's name equals a target or ends in ``.target``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_modules(shape: ModelShape, targets: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
+    """The linear layers that get adapters: ``all-linear`` = every linear but the output head."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return list(shape.linears)
+        targets = [targets]
+    return [lin for lin in shape.linears if _matches(lin[0], targets)]
+
+
+# --------------------------------------------------------------------------- the estimate
+
+#: Bytes of workspaces and small buffers (cuBLAS, bitsandbytes) assumed on top of the modelled tensors.
+WORKSPACE_BYTES = 64 * 2 ** 20
+#: CUDA context (not in torch's allocated figures, but in nvidia-smi's) and the caching allocator's reserve.
+CONTEXT_BYTES = int(0.6 * GIB)
+RESERVE_FRACTION = 0.05
+#: Bytes per logit of the loss's working set (see the module docstring).
+LOSS_BYTES_PER_LOGIT = {"qlora": 12, "transformers": 14}
+#: Names of attention output projections (their input is the attention output, already in compute dtype).
+ATTN_OUT_NAMES = ("o_proj", "out_proj", "wo", "dense", "c_proj")
+
+ROW_LABELS = {
+    "quantized_weights": "4-bit linear weights",
+    "quant_constants": "quantization constants",
+    "other_weights": "non-quantized weights",
+    "lora_weights": "LoRA weights (fp32)",
+    "lora_gradients": "LoRA gradients (fp32)",
+    "optimizer_states": "optimizer states",
+    "stored_activations": "activations kept for backward",
+    "working_set": "peak working set",
+    "transients": "transient buffers",
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak GPU memory per device for one setting of gradient checkpointing, in bytes."""
+
+    checkpointing: bool
+    quantized_weights: float
+    quant_constants: float
+    other_weights: float
+    lora_weights: float
+    lora_gradients: float
+    optimizer_states: float
+    stored_activations: float
+    working_set: float
+    transients: float
+    #: what the peak working set is: "logits and loss", "one recomputed layer" or "backward gradients"
+    working_set_kind: str
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def static(self) -> float:
+        return (self.quantized_weights + self.quant_constants + self.other_weights + self.lora_weights
+                + self.lora_gradients + self.optimizer_states)
+
+    @property
+    def total(self) -> float:
+        """Estimated peak allocated bytes (compare with ``torch.cuda.max_memory_allocated``)."""
+        return self.static + self.stored_activations + self.working_set + self.transients
+
+    @property
+    def budget(self) -> float:
+        """What to budget on the GPU: the peak plus the CUDA context and the allocator's reserve."""
+        return self.total * (1 + RESERVE_FRACTION) + CONTEXT_BYTES
+
+    def rows(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ROW_LABELS}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f"{k}_gib": v / GIB for k, v in self.rows().items()}
+        d.update(checkpointing=self.checkpointing, working_set_kind=self.working_set_kind,
+                 total_gib=self.total / GIB, budget_gib=self.budget / GIB,
+                 detail={k: v for k, v in self.detail.items()})
+        return d
+
+
+@dataclass
+class Settings:
+    """The run settings the estimate uses (from the config and the plugins)."""
+
+    r: int
+    lora_alpha: float
+    learning_rate: float
+    lora_dropout: float
+    target_modules: Any
+    lora_bias: str
+    batch: int
+    seq: int
+    gradient_accumulation_steps: int
+    gpus: int
+    load_in_4bit: bool
+    double_quant: bool
+    quant_type: str
+    compute_dtype: str
+    upcast: bool
+    optimizer: str
+    optimizer_bytes: int
+    checkpointing: bool
+    loss: str
+
+
+def layer_bytes_per_token(shape: ModelShape, settings: Settings, targets: str | Sequence[str]) -> float:
+    """``P_layer``: bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    a = 4 if settings.compute_dtype == "float32" else 2
+    s = 4 if settings.upcast else a
+    m = 1 if settings.lora_dropout > 0 else 0
+    r = settings.r
+    total = 2 * 4 * h  # two norms keep their input in fp32 (or an fp32 copy of it)
+    total += a * (shape.q_dim + 2 * shape.kv_dim) + a * shape.q_dim + 4 * shape.num_heads  # SDPA
+    if shape.attn_implementation == "eager":
+        total += (4 + 2) * shape.num_heads * settings.seq
+    total += (3 if shape.gated_mlp else 2) * s * i
+    # Each adapted linear: its input for lora_A (cast to the compute dtype when the stream is wider), the
+    # dropout mask, lora_A's output. Inputs already in the compute dtype with no dropout are shared by the
+    # layers reading them (q/k/v; gate/up) and kept once. Frozen linears that are not 4-bit keep their input.
+    adapted = {n for n, *_ in lora_modules(_layer_as_shape(shape), targets)}
+    shared: set[tuple[str, int]] = set()
+    for name, d_in, _out in shape.layer_linears:
+        short = name.rsplit(".", 1)[-1]
+        in_compute_dtype = short in ATTN_OUT_NAMES or s == a
+        group = (name.rsplit(".", 1)[0] if "." in name else "", d_in)
+        if name in adapted:
+            total += a * r + m * d_in
+            if m or not in_compute_dtype:
+                total += a * d_in  # the dropout output or the cast: one per adapted layer
+            elif short not in ATTN_OUT_NAMES:  # the attention output is already kept by SDPA
+                shared.add(group)
+        if not settings.load_in_4bit and short not in ATTN_OUT_NAMES:
+            shared.add(group)
+    total += sum(a * d_in for _, d_in in shared)
+    return float(total)
+
+
+def _layer_as_shape(shape: ModelShape) -> ModelShape:
+    """A view of ``shape`` whose linears are the first decoder layer's (for :func:`lora_modules`)."""
+    from copy import copy
+
+    view = copy(shape)
+    view.linears = [(n, i, o, False) for n, i, o in shape.layer_linears]
+    return view
+
+
+def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequence[str], checkpointing: bool,
+                    trainable: int) -> MemoryEstimate:
+    """The memory model of the module docstring for one setting of gradient checkpointing."""
+    n = max(1, settings.gpus)
+    a = 4 if settings.compute_dtype == "float32" else 2
+    s = 4 if settings.upcast else a
+    h, i, L, V = shape.hidden_size, shape.intermediate_size, shape.n_layers, shape.vocab_size
+    T = settings.batch * settings.seq
+
+    n_quant = shape.n_quantizable if settings.load_in_4bit else 0
+    n_other = shape.n_params - n_quant
+    quantized = n_quant * 0.5
+    const_bits = (8 / 64 + 32 / (64 * 256)) if settings.double_quant else 32 / 64
+    # plus each layer's 16-entry fp32 4-bit code (and, with double quant, the 256-entry absmax code + offset)
+    n_quant_layers = len(shape.linears) if settings.load_in_4bit else 0
+    constants = n_quant * const_bits / 8 + n_quant_layers * (64 + (1028 if settings.double_quant else 0))
+    other_bytes = 4 if settings.upcast else a
+    other = n_other * other_bytes
+    lora = trainable * 4.0
+    grads = trainable * 4.0
+    optim = trainable * float(settings.optimizer_bytes)
+
+    per_layer = layer_bytes_per_token(shape, settings, targets)
+    final = T * h * (4 + a)  # the final norm's input and the head's input in compute dtype
+    head_cast = 0.0
+    if shape.head is not None and other_bytes != a:
+        head_cast = a * shape.head[0] * shape.head[1]  # autocast's copy of the fp32 head, kept for backward
+    loss = LOSS_BYTES_PER_LOGIT[settings.loss] * T * V
+    backward_grads = T * 2 * s * (h + i)
+    detail = {"tokens_per_micro_batch": T, "layer_bytes_per_token": per_layer, "logits_loss_bytes": loss,
+              "head_cast_bytes": head_cast, "final_bytes": final}
+    if checkpointing:
+        stored = L * T * h * s + final
+        recompute = T * per_layer + backward_grads
+        loss_side = loss + head_cast
+        working = max(loss_side, recompute)
+        kind = "logits and loss" if loss_side >= recompute else "one recomputed layer"
+        detail.update(checkpoint_bytes=L * T * h * s, recompute_bytes=recompute)
+    else:
+        cache = L * T * 2 * s * shape.kv_dim if shape.use_cache else 0.0
+        stored = L * T * per_layer + cache + final
+        loss_side = loss + head_cast
+        working = max(loss_side, backward_grads)
+        kind = "logits and loss" if loss_side >= backward_grads else "backward gradients"
+        detail.update(layers_bytes=L * T * per_layer, kv_cache_bytes=cache)
+    largest = max((li * lo for _, li, lo, _ in shape.linears), default=0) if settings.load_in_4bit else 0
+    transients = a * largest + WORKSPACE_BYTES
+    if n > 1:
+        # FSDP gathers the root unit (embeddings, head, final norm) for the whole step, and a decoder layer
+        # (plus the prefetched next one) at a time.
+        layer_quant = _layer_quantizable(shape, settings)
+        layer_weights = layer_quant * (0.5 + const_bits / 8) + (shape.layer_params - layer_quant) * other_bytes
+        root = max(0.0, other - L * (shape.layer_params - layer_quant) * other_bytes)
+        transients += root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n)
+        detail.update(fsdp_gathered_bytes=root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n))
+    return MemoryEstimate(
+        checkpointing=checkpointing, quantized_weights=quantized / n, quant_constants=constants / n,
+        other_weights=other / n, lora_weights=lora / n, lora_gradients=grads / n, optimizer_states=optim / n,
+        stored_activations=stored, working_set=working, transients=transients, working_set_kind=kind,
+        detail=detail,
+    )
+
+
+def _layer_quantizable(shape: ModelShape, settings: Settings) -> int:
+    if not settings.load_in_4bit:
+        return 0
+    return sum(i * o for _, i, o in shape.layer_linears)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` found: the model's size, the guide's recommendation, the LoRA setup and the memory
+    estimate with and without gradient checkpointing (``memory`` is the one the config's plugins use)."""
+
+    model: str
+    path: str
+    shape: ModelShape
+    settings: Settings
+    lora_targets: list[str]
+    lora_modules: int
+    trainable_params: int
+    recommendation: Recommendation
+    with_checkpointing: MemoryEstimate
+    without_checkpointing: MemoryEstimate
+    warnings: list[str]
+    notes: list[str]
+
+    @property
+    def n_params(self) -> int:
+        return self.shape.n_params
+
+    @property
+    def memory(self) -> MemoryEstimate:
+        return self.with_checkpointing if self.settings.checkpointing else self.without_checkpointing
+
+    def to_dict(self) -> dict[str, Any]:
+        shape = asdict(self.shape)
+        shape.pop("linears")
+        shape.pop("layer_linears")
+        return {
+            "model": self.model, "path": self.path, "n_params": self.n_params,
+            "shape": shape, "settings": asdict(self.settings),
+            "lora_targets": self.lora_targets, "lora_modules": self.lora_modules,
+            "trainable_params": self.trainable_params,
+            "trainable_percent": 100.0 * self.trainable_params / max(1, self.n_params),
+            "recommendation": self.recommendation.to_dict(),
+            "memory": {"with_checkpointing": self.with_checkpointing.to_dict(),
+                       "without_checkpointing": self.without_checkpointing.to_dict()},
+            "peak_with_checkpointing_gib": self.with_checkpointing.total / GIB,
+            "peak_without_checkpointing_gib": self.without_checkpointing.total / GIB,
+            "peak_gib": self.memory.total / GIB, "budget_gib": self.memory.budget / GIB,
+            "warnings": self.warnings, "notes": self.notes,
+        }
+
+
+#: Optimizer plugins and their state bytes per trainable parameter.
+OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw": 8}
+
+
+def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,
+              supports_checkpointing: bool) -> tuple[Settings, list[str]]:
+    notes: list[str] = []
+    names = plugins.names()
+    optimizers = plugins.implementers("qlora_optimizer")
+    optimizer = optimizers[-1] if optimizers else "none"
+    for name in optimizers:  # requested ones (not defaults) win
+        info = next(i for i in plugins.infos if i.name == name)
+        if not info.default:
+            optimizer = name
+    opt_bytes = OPTIMIZER_BYTES.get(optimizer)
+    if opt_bytes is None:
+        opt_bytes = 8
+        notes.append(f"optimizer plugin {optimizer!r} is not one qlora ships: assumed AdamW with two fp32 states "
+                     f"(8 bytes per trainable parameter)")
+    quantized = bool(config["quant.load_in_4bit"]) and bool(plugins.implementers("qlora_quantization_config"))
+    compute = config["quant.bnb_4bit_compute_dtype"]
+    if compute == "auto":
+        compute = "bfloat16"  # what auto picks on a GPU with bf16 (every GPU this plans for: Ampere and later)
+    return Settings(
+        r=config["lora.r"], lora_alpha=config["lora.lora_alpha"], learning_rate=config["train.learning_rate"],
+        lora_dropout=config["lora.lora_dropout"], target_modules=config["lora.target_modules"],
+        lora_bias=config["lora.bias"], batch=config["train.per_device_train_batch_size"],
+        seq=config["train.max_seq_length"], gradient_accumulation_steps=config["train.gradient_accumulation_steps"],
+        gpus=gpus, load_in_4bit=quantized, double_quant=bool(config["quant.bnb_4bit_use_double_quant"]),
+        quant_type=config["quant.bnb_4bit_quant_type"], compute_dtype=compute,
+        upcast=quantized if upcast is None else bool(upcast and quantized),
+        optimizer=optimizer, optimizer_bytes=opt_bytes,
+        checkpointing="gradient-checkpointing" in names and supports_checkpointing, loss=loss,
+    ), notes
+
+
+def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[str, Any] | str | Path | None = None,
+         gpus: int = 1, *, plugins: PluginSet | Sequence[str] | None = None, loss: str = "qlora",
+         upcast: bool | None = None) -> Plan:
+    """Plan a run of ``model_name_or_path`` (default: the config's ``model.name_or_path``) with ``config``.
+
+    :param config: a resolved :class:`~qlora_core.config.Config`, or what :func:`qlora_core.trainer.resolve`
+        takes (a YAML path, a mapping, ``None`` for the embedded default job).
+    :param gpus: GPUs the run is spread over with FSDP: the weights, LoRA weights, gradients and optimizer
+        states are divided by it; the activations per GPU are not.
+    :param plugins: the run's :class:`~qlora_core.plugins.PluginSet` (or ``--plugin`` names when ``config``
+        is not resolved yet); found with ``resolve()`` when not given.
+    :param loss: ``"qlora"`` (the trainer's loss, 12 bytes per logit) or ``"transformers"`` (the model's own
+        loss with its output kept through backward, 14 bytes per logit).
+    :param upcast: whether the non-quantized weights are upcast to fp32 (default: when loaded in 4 bits, as
+        the ``nf4`` plugin's ``prepare_model_for_kbit_training`` does).
+    :raises UsageError: the model's config cannot be read (unknown path or hub id offline, not a causal LM).
+    """
+    from .config import Config
+    from .plugins import PluginSet
+    from .trainer import resolve
+
+    if gpus < 1:
+        raise UsageError(f"--gpus must be at least 1 (got {gpus})")
+    if loss not in LOSS_BYTES_PER_LOGIT:
+        raise ValueError(f"loss must be one of {', '.join(LOSS_BYTES_PER_LOGIT)} (got {loss!r})")
+    overrides = [("model.name_or_path", str(model_name_or_path))] if model_name_or_path is not None else []
+    names = [] if plugins is None or isinstance(plugins, PluginSet) else list(plugins)
+    if isinstance(config, Config) and not overrides and isinstance(plugins, PluginSet):
+        cfg, plugin_set = config, plugins
+    else:
+        data = config.to_dict() if isinstance(config, Config) else config
+        cfg, plugin_set = resolve(data, names, overrides)
+        if isinstance(plugins, PluginSet):
+            plugin_set = plugins
+    name = cfg["model.name_or_path"]
+    path = plugin_set.hook.qlora_resolve_model(name_or_path=name, config=cfg) or name
+    hf_config, meta = load_meta_model(str(path), cfg["model.revision"], cfg["model.trust_remote_code"])
+    shape = model_shape(hf_config, meta)
+    settings, notes = _settings(cfg, plugin_set, gpus, loss, upcast, shape.supports_checkpointing)
+    targets = plugin_set.hook.qlora_adapter_targets(model=meta, config=cfg) or cfg["lora.target_modules"]
+    adapted = lora_modules(shape, targets)
+    trainable = sum(settings.r * (i + o) for _, i, o, _ in adapted)
+    if settings.lora_bias == "all":
+        trainable += sum(o for *_, o, b in shape.linears if b)
+    elif settings.lora_bias == "lora_only":
+        trainable += sum(o for *_, o, b in adapted if b)
+    del meta
+    with_ckpt = estimate_memory(shape, settings, targets, True, trainable)
+    without = estimate_memory(shape, settings, targets, False, trainable)
+    if not shape.supports_checkpointing:
+        notes.append(f"{shape.model_type} models do not support gradient checkpointing in transformers: "
+                     f"the run trains without it")
+    elif not settings.checkpointing:
+        notes.append("gradient checkpointing is off in this config (no:gradient-checkpointing)")
+    if shape.attn_implementation == "eager":
+        notes.append("eager attention keeps the attention probabilities (seq x heads per token and layer)")
+    if gpus > 1 and settings.upcast:
+        notes.append("under FSDP, PEFT's fp32 upcast of the non-quantized weights has been measured to break FSDP's "
+                     "flattening (mixed bf16/fp32); the estimate assumes it is applied as on one GPU")
+    short = sorted({n.rsplit(".", 1)[-1] for n, *_ in adapted})
+    return Plan(
+        model=str(name), path=str(path), shape=shape, settings=settings, lora_targets=short,
+        lora_modules=len(adapted), trainable_params=trainable, recommendation=recommend(shape.n_params),
+        with_checkpointing=with_ckpt, without_checkpointing=without,
+        warnings=guidance_warnings(cfg, shape.n_params, gpus),
+        notes=guidance_notes(cfg, shape.n_params, gpus) + notes,
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def human_count(n: float, digits: int = 1) -> str:
+    """``8030261248`` -> ``"8.0B"``, ``41943040`` -> ``"41.9M"``."""
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:.0f}"
+
+
+def short_float(x: float) -> str:
+    """``0.0002`` -> ``"2e-4"``, ``2.5e-05`` -> ``"2.5e-5"``, ``0.5`` -> ``"0.5"``."""
+    if x == 0 or 1e-2 <= abs(x) < 1e4:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
