@@ -1,8 +1,14 @@
 """CPU offload: the QLoRA guide's ``device_map="auto"`` with ``max_memory={0: "...", "cpu": "..."}``.
 
-A model that does not fit the GPU budget still loads and trains, with the layers beyond the budget on the
-CPU (in float32, as bitsandbytes keeps CPU-placed layers unquantized). Much slower, as the guide warns:
+The layers beyond the GPU budget are placed on the CPU by accelerate. Much slower, as the guide warns:
 the last resort after smaller batches, lower rank and gradient checkpointing.
+
+Known limitation (measured on an H200 with transformers 5.17, accelerate 1.15, bitsandbytes 0.50.2, see
+benchmarks/gpu_features.py): when the budget splits the model between GPU and CPU, accelerate offloads the
+CPU part's 4-bit layers to the meta device, and bitsandbytes cannot be moved from there
+("Tensor.item() cannot be called on meta tensors" with double quantization, "Cannot copy out of meta
+tensor" without). A budget too small for even the first layers places the whole model on the CPU, which
+trains (slowly). Executing the CPU part on the CPU instead of offloading it is the fix still to make.
 
     qlora run config.yaml --plugin cpu-offload --set offload.gpu_memory=20GiB --set offload.cpu_memory=100GiB
 """

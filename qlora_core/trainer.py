@@ -137,6 +137,31 @@ class RunResult:
         return self.output_dir / "adapter"
 
 
+def _allow_new_mixed_precision(mixed: str) -> None:
+    """accelerate keeps one state per process and refuses a second Accelerator with another precision; a
+    Python caller running a float32 job after a bf16 one (a benchmark, a notebook) needs a fresh one. The
+    process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and str(shared.get("_mixed_precision", mixed)) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def input_device(model, default: Any = None) -> "torch.device":
+    """Where the model takes its inputs: the device of its input embeddings (a model placed across GPU and
+    CPU by ``device_map`` may start on either), else ``default``."""
+    import torch
+
+    try:
+        device = model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        device = next(p.device for p in model.parameters())
+    if device.type == "meta":  # offloaded: accelerate's hooks bring the weights to the execution device
+        return torch.device(default) if default is not None else torch.device("cuda")
+    return device
+
+
 def parameter_count(model) -> int:
     """Parameters of a model as loaded, counting each 4-bit weight by its original shape (bitsandbytes packs
     two values a byte, so ``numel()`` would halve them)."""
@@ -374,7 +399,9 @@ class Job:
 
         cfg = self.config
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
-        accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed if self.device == "cuda" else "no")
+        mixed = mixed if self.device == "cuda" else "no"
+        _allow_new_mixed_precision(mixed)
+        accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed)
         if self._resume_from is not None:
             out = Path(self._resume_from)
         elif accelerator.is_main_process:
@@ -459,7 +486,7 @@ class Job:
         import torch
 
         model = model if model is not None else self.model
-        device = next(p.device for p in model.parameters())
+        device = input_device(model)
         was_training = model.training
         model.eval()
         bs = self.config["train.per_device_eval_batch_size"]
@@ -483,7 +510,7 @@ class Job:
         import torch
 
         model = model if model is not None else self.model
-        device = next(p.device for p in model.parameters())
+        device = input_device(model)
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
         was_training = model.training
         model.eval()
@@ -515,7 +542,7 @@ class Job:
         import torch
 
         cfg = self.config
-        device = accelerator.device
+        device = input_device(model, accelerator.device)
         pad_id = self.tokenizer.pad_token_id
         world = accelerator.num_processes
         while True:
@@ -542,7 +569,7 @@ class Job:
             except torch.OutOfMemoryError:
                 del batches
                 model.zero_grad(set_to_none=True)
-                if device.type == "cuda":
+                if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if not cfg["train.auto_find_batch_size"] or size == 1:
                     raise UsageError(self._oom_message(run, size)) from None

@@ -297,3 +297,14 @@ def test_parameters_are_counted_at_their_original_size_in_4_bits(tiny_config, ti
     job.load_model()
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert job.num_parameters == sum(p.numel() for p in plain.parameters())
+
+
+def test_a_job_runs_after_an_accelerator_of_another_precision_in_the_same_process(tiny_config, tmp_path):
+    from accelerate import Accelerator
+
+    from qlora_core.trainer import _allow_new_mixed_precision
+
+    _allow_new_mixed_precision("bf16")
+    Accelerator(cpu=True, mixed_precision="bf16")  # e.g. a bf16 job earlier in the same notebook
+    result = Job(tiny_config, output_dir=tmp_path / "run").run()
+    assert result.steps == 3
