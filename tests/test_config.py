@@ -115,3 +115,11 @@ def test_set_below_a_value_is_a_config_error_naming_the_key():
 def test_target_modules_given_with_commas_is_a_list():
     cfg, _ = resolve({}, overrides=["lora.target_modules=q_proj,v_proj"])
     assert cfg["lora.target_modules"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "configs")
+                                        .glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    cfg, plugins = resolve(path)
+    assert cfg["quant.bnb_4bit_quant_type"] == "nf4"
+    assert plugins.implementers("qlora_optimizer")
