@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -117,8 +119,8 @@ def test_target_modules_given_with_commas_is_a_list():
     assert cfg["lora.target_modules"] == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "examples" / "configs")
-                                        .glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
     cfg, plugins = resolve(path)
     assert cfg["quant.bnb_4bit_quant_type"] == "nf4"
