@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import UsageError
+from .inference import check_finished_run, use_float32_kernels
 from .types import FormattedExample
 
 #: The built-in default task; its answers are a function of the question, so exact match is on by default.
@@ -34,31 +35,6 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- the run and its data
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    if not run_dir.exists():
-        raise UsageError(f"run folder {str(run_dir)!r} does not exist; pass the folder `qlora run --output` wrote")
-    if not run_dir.is_dir():
-        raise UsageError(f"{str(run_dir)!r} is a file, not a run folder; pass the folder `qlora run --output` wrote")
-
-
-def _check_adapter(run_dir: Path) -> Path:
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        status = ""
-        run_json = run_dir / "run.json"
-        if run_json.is_file():
-            import json
-
-            try:
-                status = json.loads(run_json.read_text()).get("status", "")
-            except (ValueError, AttributeError):
-                status = ""
-        why = f" (run.json says {status!r})" if status and status != "completed" else ""
-        raise UsageError(f"run folder {str(run_dir)!r} has no adapter (adapter/adapter_config.json){why}; "
-                         f"evaluate a run that finished training")
-    return adapter
 
 
 def _overrides(data: str | None, split: str | None, max_samples: int | None) -> list[tuple[str, Any]]:
@@ -84,12 +60,9 @@ def load_run_model(job: Any, adapter_dir: str | Path) -> Any:
     from peft import PeftModel
 
     base = job.load_base_model(for_training=False)
-    for module in base.modules():
-        # On CPUs with AVX512-BF16, bitsandbytes would switch eval-mode 4-bit forwards to a repacked bf16
-        # kernel; the trainer's model runs the plain one (plugins/nf4.py turns this off), so must this one,
-        # or its figures would not match the run's.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # The trainer's model runs bitsandbytes' float32 kernel (plugins/nf4.py); so must this one, or its
+    # figures would not match the run's.
+    use_float32_kernels(base)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         # As PEFT's k-bit preparation did for training: the parameters that are not quantized (norms,
         # embeddings, head) in float32. A no-op when the compute dtype is float32 (CPU).
@@ -232,9 +205,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     from .trainer import Job
 
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
+    adapter_dir = check_finished_run(run_dir)
     job = Job.from_run(run_dir, overrides=_overrides(data, split, max_samples))
-    adapter_dir = _check_adapter(run_dir)
     cfg = job.config
     if cfg["train.num_threads"] > 0:
         torch.set_num_threads(cfg["train.num_threads"])

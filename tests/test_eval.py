@@ -181,7 +181,7 @@ def test_a_folder_that_is_not_a_run_is_a_usage_error(tmp_path, trained_run):
     no_adapter.mkdir()
     shutil.copy(trained_run / "config.yaml", no_adapter / "config.yaml")
     (no_adapter / "run.json").write_text(json.dumps({"status": "failed"}))
-    with pytest.raises(UsageError, match=r"has no adapter .*run.json says 'failed'"):
+    with pytest.raises(UsageError, match=r"run.json says status 'failed'.*it has no adapter"):
         evaluate_run(no_adapter)
 
 
