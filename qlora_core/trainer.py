@@ -174,15 +174,42 @@ def parameter_count(model) -> int:
     return total
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping or scaling.
+_PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _plain_head_model(model) -> Any:
+    """The causal LM under a PEFT wrapper when its head can be applied to chosen positions only, else None.
+
+    Not under DDP/FSDP wrappers: their gradient synchronisation runs through the wrapper's forward.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD_MODELS:
+        return None
+    if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
+        return None
+    return inner
+
+
 def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
-    """Sum of the next-token cross-entropy over the batch's answer tokens, and their number."""
+    """Sum of the next-token cross-entropy over the batch's answer tokens, and their number.
+
+    The output head runs on the answer positions only where the architecture allows it: the prompt's logits
+    are never needed, and with a large vocabulary they are most of the step's memory (batch x seq x vocab).
+    """
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
     keep = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    causal = _plain_head_model(model)
+    if causal is not None:
+        hidden = causal.get_decoder()(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
 
 

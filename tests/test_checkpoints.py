@@ -38,7 +38,8 @@ def _limit(module, args, kwargs):
 
 @hookimpl
 def qlora_prepare_model(model, config):
-    model.register_forward_pre_hook(_limit, with_kwargs=True)
+    # On the decoder, which every loss path runs through.
+    model.get_decoder().register_forward_pre_hook(_limit, with_kwargs=True)
 """
 
 NOTICES = """

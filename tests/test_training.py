@@ -308,3 +308,30 @@ def test_a_job_runs_after_an_accelerator_of_another_precision_in_the_same_proces
     Accelerator(cpu=True, mixed_precision="bf16")  # e.g. a bf16 job earlier in the same notebook
     result = Job(tiny_config, output_dir=tmp_path / "run").run()
     assert result.steps == 3
+
+
+def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, tmp_path):
+    import torch.nn.functional as F
+
+    from qlora_core.data import collate
+    from qlora_core.trainer import _plain_head_model, _token_loss_sum
+
+    job = Job(tiny_config, output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    assert _plain_head_model(model) is not None  # the fast path is the one under test
+    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+    loss, n = _token_loss_sum(model, batch)
+    loss.backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    full = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    full.backward()
+    assert n == int(keep.sum())
+    torch.testing.assert_close(loss, full)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast[k], p.grad, msg=k)
