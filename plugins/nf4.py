@@ -35,12 +35,12 @@ def qlora_prepare_model(model, config) -> None:
         return
     from peft import prepare_model_for_kbit_training
 
-    for module in model.modules():
-        # bitsandbytes 0.50 repacks 4-bit weights on CPUs with AVX512-BF16 at the first eval-mode forward,
-        # into a layout whose kernel has no autograd: training after an evaluation would then silently
-        # stop gradients at every 4-bit layer. Training needs the differentiable layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    from qlora_core.inference import use_float32_kernels
+
+    # bitsandbytes 0.50 repacks 4-bit weights on CPUs with AVX512-BF16 at the first eval-mode forward,
+    # into a layout whose kernel has no autograd: training after an evaluation would then silently
+    # stop gradients at every 4-bit layer. Training needs the differentiable layout.
+    use_float32_kernels(model)
 
     # Gradient checkpointing is its own plugin (on by default), so it is not switched on here.
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

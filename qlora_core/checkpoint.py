@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, schedu
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
     config.dump(tmp / "config.yaml")
-    (tmp / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
+    plugins.dump(tmp / "plugins.json")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

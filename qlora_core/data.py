@@ -21,10 +21,11 @@ IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(path: str, split: str | None) -> "datasets.DatasetDict | datasets.Dataset":
+def load_rows(path: str, split: str | None, streaming: bool = False) -> "datasets.DatasetDict | datasets.Dataset":
     """Load a local json/jsonl/csv/parquet file or folder, or a hub dataset id, with ``datasets``.
 
     :param split: the split to return, or ``None`` for every split (a ``DatasetDict``).
+    :param streaming: read rows lazily instead of preparing the whole dataset (to peek at a few rows).
     """
     import datasets
 
@@ -37,13 +38,13 @@ def load_rows(path: str, split: str | None) -> "datasets.DatasetDict | datasets.
                 raise UsageError(
                     f"data file {path!r} has an unknown type; use .json, .jsonl, .csv or .parquet")
             # A single file is one split, named "train" by datasets.
-            loaded = datasets.load_dataset(builder, data_files={"train": str(p)})
+            loaded = datasets.load_dataset(builder, data_files={"train": str(p)}, streaming=streaming)
         elif p.is_dir():
-            loaded = datasets.load_dataset(str(p))
+            loaded = datasets.load_dataset(str(p), streaming=streaming)
         elif os.sep in path or path.startswith(".") or Path(path).suffix.lower() in _BUILDERS:
             raise UsageError(f"data path {path!r} does not exist")
         else:
-            loaded = datasets.load_dataset(path)
+            loaded = datasets.load_dataset(path, streaming=streaming)
     except UsageError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the path and the reason

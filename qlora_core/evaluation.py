@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import UsageError
-from .inference import check_finished_run, use_float32_kernels
+from .inference import check_finished_run, load_run_model
 from .types import FormattedExample
 
 #: The built-in default task; its answers are a function of the question, so exact match is on by default.
@@ -51,27 +51,6 @@ def _overrides(data: str | None, split: str | None, max_samples: int | None) -> 
 
 
 # --------------------------------------------------------------------------- the model
-
-
-def load_run_model(job: Any, adapter_dir: str | Path) -> Any:
-    """The run's base model, loaded as for its training (quantized by the quant plugin), in the numerics its
-    evaluations ran in, with the adapter from ``adapter_dir`` on top (PEFT, not trainable), in eval mode."""
-    import torch
-    from peft import PeftModel
-
-    base = job.load_base_model(for_training=False)
-    # The trainer's model runs bitsandbytes' float32 kernel (plugins/nf4.py); so must this one, or its
-    # figures would not match the run's.
-    use_float32_kernels(base)
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        # As PEFT's k-bit preparation did for training: the parameters that are not quantized (norms,
-        # embeddings, head) in float32. A no-op when the compute dtype is float32 (CPU).
-        for param in base.parameters():
-            if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
-                param.data = param.data.to(torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    model.eval()
-    return model
 
 
 def autocast_for(job: Any) -> Any:

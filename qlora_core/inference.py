@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from .data import _BUILDERS, choose_format
+from .data import choose_format, load_rows
 from .errors import UsageError
 from .types import DatasetFormat
 
@@ -77,9 +77,9 @@ def check_finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder {str(run_dir)!r} does not exist; pass the folder `qlora run --output` wrote")
-    if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
-                         f"`qlora run --output` wrote")
+    from .trainer import run_config_file
+
+    run_config_file(run_dir)
     status = _run_status(run_dir)
     adapter = run_dir / "adapter"
     if status is not None and status.get("status") != "completed":
@@ -96,28 +96,10 @@ def check_finished_run(run_dir: str | Path) -> Path:
 def peek_rows(job: "Job", n: int = 2) -> list[dict[str, Any]] | None:
     """The first ``n`` rows of the run's training data, read by streaming (nothing else is loaded), or
     ``None`` when the data cannot be read (moved, or a hub dataset while offline)."""
-    import datasets
-
-    cfg = job.config
-    path = job._data_path(cfg["data.path"])
-    p = Path(path).expanduser()
-    datasets.disable_progress_bars()
     try:
-        if p.is_file():
-            builder = _BUILDERS.get(p.suffix.lower())
-            if builder is None:
-                return None
-            loaded = datasets.load_dataset(builder, data_files={"train": str(p)}, streaming=True)
-        elif p.is_dir():
-            loaded = datasets.load_dataset(str(p), streaming=True)
-        elif os.sep in path or path.startswith("."):
-            return None
-        else:
-            loaded = datasets.load_dataset(path, streaming=True)
-        if cfg["data.split"] not in loaded:
-            return None
-        return [dict(row) for row in itertools.islice(loaded[cfg["data.split"]], n)]
-    except Exception:  # datasets raises many kinds; the format then falls back (see run_format)
+        rows = load_rows(job._data_path(job.config["data.path"]), job.config["data.split"], streaming=True)
+        return [dict(row) for row in itertools.islice(rows, n)]
+    except Exception:  # the format then falls back (see run_format)
         return None
 
 
@@ -167,15 +149,8 @@ def format_prompt(fmt: DatasetFormat, tokenizer: Any, user_text: str) -> tuple[s
 
 def _load_tokenizer(job: "Job", adapter_dir: Path) -> Any:
     """The tokenizer saved with the adapter (as the run used it), else the base model's."""
-    from transformers import AutoTokenizer
-
-    if any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(adapter_dir)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        job.tokenizer = tok
-        return tok
-    return job.load_tokenizer()
+    saved = any((adapter_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return job.load_tokenizer(adapter_dir if saved else None)
 
 
 def use_float32_kernels(model: Any) -> None:
@@ -187,13 +162,25 @@ def use_float32_kernels(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _load_peft(job: "Job", adapter_dir: Path) -> Any:
-    """Base in 4 bits (as the run trained it) + the adapter, in eval mode."""
+def load_run_model(job: "Job", adapter_dir: str | Path) -> Any:
+    """The run's base model, loaded as for its training (quantized by the quant plugin), in the numerics its
+    evaluations ran in, with the adapter from ``adapter_dir`` on top (PEFT, not trainable), in eval mode."""
+    import torch
     from peft import PeftModel
 
     base = job.load_base_model(for_training=False)
+    # The trainer's model runs bitsandbytes' float32 kernel (plugins/nf4.py); so must this one, or its
+    # figures would not match the run's.
     use_float32_kernels(base)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        # As PEFT's k-bit preparation did for training: the parameters that are not quantized (norms,
+        # embeddings, head) in float32. A no-op when the compute dtype is float32 (CPU).
+        for param in base.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
+                param.data = param.data.to(torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
 
 
 def load_trained(run_dir: str | Path, overrides: Sequence[Any] = ()) -> tuple["Job", Any, Any, DatasetFormat]:
@@ -212,7 +199,7 @@ def load_trained(run_dir: str | Path, overrides: Sequence[Any] = ()) -> tuple["J
     tokenizer = _load_tokenizer(job, adapter_dir)
     fmt = run_format(job, tokenizer)
     job.format = fmt
-    model = _load_peft(job, adapter_dir)
+    model = load_run_model(job, adapter_dir)
     job.model = model
     return job, model, tokenizer, fmt
 
@@ -262,8 +249,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
         raise UsageError(f"--top-p must be in (0, 1] (got {top_p:g})")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+    from .trainer import input_device
+
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(input_device(model))
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
                               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _eos_ids(model, tokenizer)}
     if temperature > 0:
@@ -454,7 +442,7 @@ def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, d
     texts = check_texts(job, fmt, tokenizer, rows)
     max_length = max(16, min(job.config["train.max_seq_length"], 256))
 
-    reference = _load_peft(job, adapter_dir)
+    reference = load_run_model(job, adapter_dir)
     ref_logits = _logits(reference, tokenizer, texts, max_length)
     with reference.disable_adapter():
         plain_logits = _logits(reference, tokenizer, texts, max_length)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,10 @@ class PluginSet:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [i.to_dict() for i in self.infos]
+
+    def dump(self, path: Path) -> None:
+        """Write the plugins with their versions, as ``plugins.json`` in runs and checkpoints."""
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def select_plugins(requested: Sequence[str], blocked: Sequence[str] = (),

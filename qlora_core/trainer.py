@@ -99,6 +99,15 @@ def compute_dtype_for(config: Config, device: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+def run_config_file(run_dir: str | Path) -> Path:
+    """The ``config.yaml`` of a run folder, or a :class:`UsageError` saying the folder is not a run."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
+                         f"`qlora run --output` wrote")
+    return config
+
+
 def check_output_dir(output_dir: str | Path | None, overwrite: bool) -> None:
     """Refuse an output that is a file, or a non-empty folder without ``overwrite``."""
     if output_dir is None:
@@ -226,14 +235,11 @@ class Job:
                  resume: str | Path | None = None):
         self._resume_from: Path | None = None
         if resume is not None:
-            resume = Path(resume)
             if config is not None or plugins:
                 raise UsageError("--resume continues a run with its own config.yaml and plugins; give no CONFIG "
                                  "or --plugin (--set may change keys such as train.max_steps)")
-            if not (resume / "config.yaml").is_file():
-                raise UsageError(f"{str(resume)!r} is not a qlora run folder (no config.yaml)")
-            config, output_dir, overwrite = resume / "config.yaml", None, False
-            self._resume_from = resume
+            config, output_dir, overwrite = run_config_file(resume), None, False
+            self._resume_from = Path(resume)
         self.config, self.plugins = resolve(config, plugins, overrides)
         self.device = pick_device()
         self.plugins.hook.qlora_configure(config=self.config, device=self.device)
@@ -242,7 +248,6 @@ class Job:
         self._overwrite = overwrite
         check_output_dir(output_dir, overwrite)  # refuse before spending minutes on loading
         self._model_path: str | None = None
-        self.run_dir: Path | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.format: DatasetFormat | None = None
@@ -267,12 +272,14 @@ class Job:
             self._model_path = self.hook.qlora_resolve_model(name_or_path=name, config=self.config) or name
         return self._model_path
 
-    def load_tokenizer(self) -> Any:
+    def load_tokenizer(self, path: str | Path | None = None) -> Any:
+        """The model's tokenizer (or the one saved in ``path``, e.g. a run's adapter folder), with a pad token."""
         from transformers import AutoTokenizer
 
-        path = self.model_path()
+        revision = self.config["model.revision"] if path is None else None
+        path = self.model_path() if path is None else path
         try:
-            tok = AutoTokenizer.from_pretrained(path, revision=self.config["model.revision"],
+            tok = AutoTokenizer.from_pretrained(path, revision=revision,
                                                 trust_remote_code=self.config["model.trust_remote_code"])
         except (OSError, ValueError) as e:
             raise UsageError(f"could not load the tokenizer of model {self.config['model.name_or_path']!r}: "
@@ -385,16 +392,9 @@ class Job:
     @classmethod
     def from_run(cls, run_dir: str | Path, overrides: Sequence[Any] = ()) -> "Job":
         """The job of a finished (or checkpointed) run, rebuilt from its ``config.yaml`` with the same plugins;
-        for evaluation, generation and merging. Its output folder is ``run_dir`` itself (nothing is written
-        unless a caller does)."""
-        run_dir = Path(run_dir)
-        config = run_dir / "config.yaml"
-        if not config.is_file():
-            raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
-                             f"`qlora run --output` wrote")
-        job = cls(config, overrides=overrides)
-        job.run_dir = run_dir
-        return job
+        for evaluation, generation and merging. It has no output folder: nothing is written unless a caller
+        does."""
+        return cls(run_config_file(run_dir), overrides=overrides)
 
     # ------------------------------------------------------------------ training
 
@@ -415,8 +415,7 @@ class Job:
     def train(self) -> RunResult:
         """Train the loaded model on the loaded data; write metrics, checkpoints, exports and the run's record.
 
-        With ``resume`` (``Job(..., resume=True)`` or :meth:`resume`), continue from the run folder's latest
-        complete checkpoint.
+        A job made with ``resume=RUN_DIR`` continues from that folder's latest complete checkpoint.
         """
         import torch
         from accelerate import Accelerator
@@ -442,8 +441,7 @@ class Job:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
         optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
-        world = accelerator.num_processes
-        per_step = cfg["train.per_device_train_batch_size"] * cfg["train.gradient_accumulation_steps"] * world
+        per_step = self._examples_per_step(accelerator.num_processes)
         if cfg["train.max_steps"] > 0:
             max_steps = cfg["train.max_steps"]
         else:
@@ -471,7 +469,7 @@ class Job:
         if self.num_parameters:
             from .plan import guidance_warnings
 
-            for message in guidance_warnings(cfg, self.num_parameters, world):
+            for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
         record = RunRecord(out, accelerator.is_main_process)
         if state.step:
@@ -485,6 +483,11 @@ class Job:
             raise
         record.finish("completed")
         return result
+
+    def _examples_per_step(self, world: int) -> int:
+        """Examples in one optimizer step across all processes: the effective batch."""
+        cfg = self.config
+        return cfg["train.per_device_train_batch_size"] * cfg["train.gradient_accumulation_steps"] * world
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The data order of one epoch: a seeded permutation, the same for a run and its resumption."""
@@ -534,19 +537,10 @@ class Job:
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
-        import torch
+        from .inference import generate
 
         model = model if model is not None else self.model
-        device = input_device(model)
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=self.tokenizer.pad_token_id)
-        if was_training:
-            model.train()
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return generate(model, self.tokenizer, prompt, max_new_tokens, add_special_tokens=add_special_tokens)
 
     def _show_sample(self, run: Run, stage: str) -> None:
         n = self.config["train.sample_max_new_tokens"]
@@ -633,7 +627,7 @@ class Job:
         device = accelerator.device
         world, rank = accelerator.num_processes, accelerator.process_index
         params = [p for p in model.parameters() if p.requires_grad]
-        per_step = cfg["train.per_device_train_batch_size"] * cfg["train.gradient_accumulation_steps"] * world
+        per_step = self._examples_per_step(world)
         n = len(self.train_examples)
         if state.step == 0:
             if self.eval_examples:
@@ -687,7 +681,7 @@ class Job:
                               tokens_per_second=w["tokens"] / max(w["seconds"], 1e-9))
                 record.metric(logged)
                 state.summary["train_loss"] = logged["loss"]
-                state.window = TrainState().window
+                state.window = dict(_EMPTY_WINDOW)
             if self.eval_examples and cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0 \
                     and step != run.max_steps:
                 ev = {"step": step, **self.evaluate(model, accelerator)}
@@ -729,6 +723,9 @@ class Job:
         return RunResult(run.output_dir, run.max_steps, record.metrics, summary, exports)
 
 
+_EMPTY_WINDOW = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+
+
 @dataclass
 class TrainState:
     """Where a run stands, besides the weights and the optimizer: what a checkpoint needs to continue exactly.
@@ -743,8 +740,7 @@ class TrainState:
     step: int = 0
     examples_seen: int = 0
     micro_batch_size: int = 1
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "targets": 0, "tokens": 0,
-                                                              "seconds": 0.0})
+    window: dict[str, float] = field(default_factory=lambda: dict(_EMPTY_WINDOW))
     summary: dict[str, Any] = field(default_factory=lambda: {"eval_loss_before": None, "eval_loss_after": None})
     all_tokens: int = 0
     train_seconds: float = 0.0
@@ -782,7 +778,7 @@ class RunRecord:
         if not self.main:
             return
         config.dump(self.out / "config.yaml")
-        (self.out / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
+        plugins.dump(self.out / "plugins.json")
         (self.out / "metrics.jsonl").write_text("")
         self._write_status("running")
 
@@ -799,7 +795,7 @@ class RunRecord:
         previous = json.loads((self.out / "run.json").read_text()) if (self.out / "run.json").is_file() else {}
         self._started = previous.get("started", self._started)
         config.dump(self.out / "config.yaml")
-        (self.out / "plugins.json").write_text(json.dumps(plugins.to_json(), indent=2) + "\n")
+        plugins.dump(self.out / "plugins.json")
         path.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
         self._resumed_from = step
         self._write_status("running")

@@ -13,6 +13,7 @@ import torch
 
 from qlora_core import cli, inference
 from qlora_core.errors import UsageError
+from qlora_core.inference import use_float32_kernels
 from qlora_core.trainer import Job
 
 from conftest import write_jsonl
@@ -66,9 +67,7 @@ def plain_base_4bit(model_dir):
                              bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
                                                 device_map={"": "cpu"})
-    for module in base.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    use_float32_kernels(base)
     return base.eval()
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from qlora_core import cli
 from qlora_core.errors import UsageError
+from qlora_core.inference import use_float32_kernels
 from qlora_core.trainer import Job
 
 from conftest import write_jsonl
@@ -192,11 +193,9 @@ def test_exported_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny
                              bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_config["model"]["name_or_path"], quantization_config=bnb,
                                                 dtype=torch.float32, device_map={"": "cpu"})
-    for module in base.modules():
-        # On CPUs with AVX512-BF16, bitsandbytes would switch eval-mode forwards to a bf16 kernel; compare
-        # like with like (the trainer keeps the float32 kernel, see plugins/nf4.py).
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    # On CPUs with AVX512-BF16, bitsandbytes would switch eval-mode forwards to a bf16 kernel; compare
+    # like with like (the trainer keeps the float32 kernel, see plugins/nf4.py).
+    use_float32_kernels(base)
     with torch.no_grad():
         plain = base(**inputs).logits
     reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
