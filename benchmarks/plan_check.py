@@ -33,112 +33,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: The architectures' shapes, as ``config.json`` contents (weights are random; the shape is what counts).
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama3-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-        "rope_theta": 500000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-    },
-    "smollm2-135m": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-        "rope_theta": 100000.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
-    },
-}
+from qlora_core.errors import UsageError
+from qlora_core.shapes import SHAPES, build_direct, write_config_folder  # noqa: F401 (re-exported)
+from qlora_core.shapes import shape_config as _shape_config
 
 GIB = 2 ** 30
 
 
 def shape_config(shape: str) -> dict[str, Any]:
     """The ``config.json`` contents of a named shape, or of a ``config.json`` file / folder path."""
-    if shape in SHAPES:
-        return dict(SHAPES[shape])
-    path = Path(shape)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    raise SystemExit(f"error: unknown shape {shape!r}; known: {', '.join(SHAPES)} (or a config.json path)")
-
-
-def write_config_folder(config: dict[str, Any], folder: Path) -> Path:
-    """A model folder with only ``config.json`` (enough for ``qlora plan`` and ``from_config``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder
-
-
-def build_direct(model_dir: Path, device: str, compute_dtype, quant_type: str = "nf4", double_quant: bool = True,
-                 seed: int = 0):
-    """The model of ``model_dir``'s config, built straight into 4 bits on ``device`` without a checkpoint.
-
-    Made on the meta device; each ``nn.Linear`` but the output head is replaced by a bitsandbytes
-    ``Linear4bit`` whose weight is drawn in ``compute_dtype`` on the device and quantized there at once
-    (one layer's bf16 weight at a time is all that is ever unquantized); the other parameters (embeddings,
-    norms, head) are drawn in ``compute_dtype``. Marked ``is_loaded_in_4bit`` like transformers' loader does,
-    so PEFT treats it as the quantized model it is.
-    """
-    import bitsandbytes as bnb
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    std = getattr(config, "initializer_range", 0.02)
-    head = model.get_output_embeddings()
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not head]
-    for name, module in linears:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-                              quant_storage=torch.uint8, device="meta")
-        w = torch.empty(module.out_features, module.in_features, dtype=compute_dtype, device=device)
-        w.normal_(0.0, std, generator=gen)
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
-                                     quant_storage=torch.uint8, module=q).to(device)  # .to() quantizes
-        del w
-        if module.bias is not None:
-            q.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=compute_dtype, device=device),
-                                        requires_grad=False)
-        setattr(parent, child, q)
-    # The remaining parameters still on the meta device: embeddings, norms, head (tied ones once).
-    done: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for pname, p in list(module.named_parameters(recurse=False)):
-            if p.device.type != "meta":
-                continue
-            if id(p) not in done:
-                data = torch.empty(p.shape, dtype=p.dtype, device=device)
-                if p.dim() == 1:  # norm weights
-                    data.fill_(1.0)
-                else:
-                    data.normal_(0.0, std, generator=gen)
-                done[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
-            setattr(module, pname, done[id(p)])
-    for module in model.modules():
-        for bname, b in list(module.named_buffers(recurse=False)):
-            if b is not None:
-                module._buffers[bname] = b.to(device)
-    if getattr(config, "tie_word_embeddings", False) and head is not None:
-        head.weight = model.get_input_embeddings().weight
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise RuntimeError(f"parameters left on the meta device: {leftover[:5]}")
-    model.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer sets after loading
-    model.eval()
-    return model
+    try:
+        return _shape_config(shape)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def build_via_checkpoint(model_dir: Path, device: str, compute_dtype, quant_type: str = "nf4",

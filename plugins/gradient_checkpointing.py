@@ -1,6 +1,10 @@
-"""Gradient checkpointing (non-reentrant): recompute activations in the backward pass to save memory.
+"""Gradient checkpointing: recompute each decoder layer's activations in the backward pass to save memory.
 
-On by default; ``--plugin no:gradient-checkpointing`` trades memory for speed.
+On by default; ``--plugin no:gradient-checkpointing`` trades memory for speed. The layers are recomputed by
+qlora's own checkpointing (:mod:`qlora_core.layers`), which on CUDA also offloads the layers' saved inputs to
+CPU memory asynchronously (``train.activation_offload``), and under ``train.gpu_memory_budget`` recomputes only
+as many layers as the budget requires. Models whose decoder layers cannot be found use transformers' own
+(non-reentrant) checkpointing.
 """
 
 from __future__ import annotations
@@ -10,6 +14,15 @@ from qlora_core import hookimpl
 
 @hookimpl
 def qlora_prepare_model(model, config) -> None:
+    from qlora_core.layers import checkpoint_layers
+
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    offload = config["train.activation_offload"]
+    if offload == "auto":
+        offload = any(p.is_cuda for p in model.parameters())
+    if checkpoint_layers(model, offload=bool(offload)):
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         return
     # transformers 5.2x renamed the method; older releases (the GPU image's 5.17) only have the old name.
@@ -19,5 +32,3 @@ def qlora_prepare_model(model, config) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # The frozen embeddings give outputs without grad; the checkpointed layers still need a graph to the adapters.
     model.enable_input_require_grads()
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False

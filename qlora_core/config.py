@@ -19,7 +19,7 @@ from .errors import ConfigError, UsageError
 _MISSING = object()
 
 # Types an option can have; each maps to a coercion that also accepts the strings --set gives.
-TYPES = ("int", "float", "bool", "str", "str_list", "str_or_list")
+TYPES = ("int", "float", "bool", "str", "str_list", "str_or_list", "auto_bool")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class Option:
     """A config key.
 
     :ivar key: dotted name, e.g. ``"lora.r"``.
-    :ivar type: one of ``int``, ``float``, ``bool``, ``str``, ``str_list``, ``str_or_list``.
+    :ivar type: one of ``int``, ``float``, ``bool``, ``str``, ``str_list``, ``str_or_list``, ``auto_bool``
+        (true, false or ``"auto"``: the code decides, e.g. on for CUDA only).
     :ivar default: the value when the config does not set it.
     :ivar help: one line for the docs.
     :ivar choices: allowed values, if limited.
@@ -59,12 +60,14 @@ class Option:
                 return None
             raise ValueError("must not be null")
         t = self.type
-        if t == "bool":
+        if t == "auto_bool" and isinstance(value, str) and value.lower() == "auto":
+            return "auto"
+        if t in ("bool", "auto_bool"):
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
                 return value.lower() in ("true", "yes", "on", "1")
-            raise ValueError(f"must be true or false (got {value!r})")
+            raise ValueError(f"must be true or false{' or auto' if t == 'auto_bool' else ''} (got {value!r})")
         if t == "int":
             if isinstance(value, bool):
                 raise ValueError(f"must be an integer (got {value!r})")
@@ -139,6 +142,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
            choices=("auto", "bfloat16", "float16", "float32")),
     Option("quant.bnb_4bit_quant_storage", "str", "uint8", "storage dtype of packed 4-bit weights (bfloat16 for FSDP)",
            choices=("uint8", "bfloat16", "float16", "float32")),
+    Option("quant.fp32_upcast", "bool", False,
+           "upcast every non-4-bit weight (embeddings, head, norms) to fp32 as PEFT's prepare_model_for_kbit_training "
+           "does (the guide's recipe; more memory, slower, no better training measured)"),
     # LoRA
     Option("lora.r", "int", 16, "LoRA rank", exclusive_minimum=0),
     Option("lora.lora_alpha", "float", 32.0, "LoRA scaling numerator (the guide: 2 x r)", exclusive_minimum=0),
@@ -195,6 +201,17 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.sample_max_new_tokens", "int", 48,
            "tokens generated for the sample answer shown before and after training (0: no sample)", minimum=0),
     Option("train.num_threads", "int", 0, "CPU threads for torch (0: leave torch's default)", minimum=0),
+    Option("train.compile", "auto_bool", "auto",
+           "compile each decoder layer with torch.compile (auto: on CUDA)"),
+    Option("train.fused_cross_entropy", "bool", True,
+           "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
+           "(liger-kernel's kernel on CUDA when installed)"),
+    Option("train.activation_offload", "auto_bool", "auto",
+           "with gradient checkpointing: copy each layer's saved input to CPU memory while the next layers "
+           "compute, and back before its backward (auto: on CUDA)"),
+    Option("train.gpu_memory_budget", "float", 0.0,
+           "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
+           "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),
 )
 
 

@@ -200,12 +200,15 @@ def _plain_head_model(model) -> Any:
     return inner
 
 
-def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
+def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, int]":
     """Sum of the next-token cross-entropy over the batch's answer tokens, and their number.
 
     The output head runs on the answer positions only where the architecture allows it: the prompt's logits
     are never needed, and with a large vocabulary they are most of the step's memory (batch x seq x vocab).
+    With ``fused`` the head and the loss run chunk by chunk (:func:`qlora_core.kernels.linear_cross_entropy_sum`)
+    and not even the answers' logits are kept.
     """
+    import torch
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
@@ -214,12 +217,26 @@ def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
     if causal is not None:
         hidden = causal.get_decoder()(input_ids=batch["input_ids"],
                                       attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        head = causal.get_output_embeddings()
+        selected = hidden[:, :-1][keep]
+        if fused and type(head) is torch.nn.Linear and head.bias is None:
+            from .kernels import linear_cross_entropy_sum
+
+            loss = linear_cross_entropy_sum(selected, head.weight, labels[keep])
+        else:
+            loss = F.cross_entropy(head(selected).float(), labels[keep], reduction="sum")
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of ``n`` training examples in ``epoch``: a seeded permutation, the same on every run."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
 
 
 class Job:
@@ -374,19 +391,34 @@ class Job:
             self.hook.qlora_prepare_model(model=model, config=cfg)
         return model
 
-    def load_model(self) -> Any:
-        """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters."""
+    def load_model(self, base: Any = None) -> Any:
+        """Load the base model (quantized by the quant plugin), prepare it and add LoRA adapters.
+
+        :param base: an already loaded base model to prepare and adapt instead (``qlora bench`` builds one
+            straight into 4 bits from a config alone).
+        """
         import torch
         from peft import LoraConfig, get_peft_model
 
         cfg = self.config
-        model = self.load_base_model(for_training=True)
+        if base is None:
+            model = self.load_base_model(for_training=True)
+        else:
+            model = base
+            self.hook.qlora_prepare_model(model=model, config=cfg)
         self.num_parameters = parameter_count(model)
         targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]
         lora = LoraConfig(r=cfg["lora.r"], lora_alpha=cfg["lora.lora_alpha"], lora_dropout=cfg["lora.lora_dropout"],
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
+        compile_ = cfg["train.compile"]
+        if compile_ == "auto":
+            compile_ = self.device == "cuda"
+        if compile_:
+            from .layers import compile_layers
+
+            compile_layers(self.model)
         return self.model
 
     @classmethod
@@ -491,12 +523,9 @@ class Job:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The data order of one epoch: a seeded permutation, the same for a run and its resumption."""
-        import torch
-
         if self._order_cache.get("epoch") != epoch:
-            gen = torch.Generator().manual_seed(self.config["train.seed"] * 1_000_003 + epoch)
-            self._order_cache = {"epoch": epoch, "order": torch.randperm(len(self.train_examples),
-                                                                         generator=gen).tolist()}
+            self._order_cache = {"epoch": epoch, "order": epoch_order(len(self.train_examples),
+                                                                      self.config["train.seed"], epoch)}
         return self._order_cache["order"]
 
     def _step_examples(self, start: int, count: int, rank: int, world: int) -> list[TokenizedExample]:
@@ -527,7 +556,7 @@ class Job:
             for i in range(0, len(self.eval_examples), bs):
                 batch = {k: v.to(device) for k, v in collate(self.eval_examples[i:i + bs],
                                                                self.tokenizer.pad_token_id).items()}
-                loss, n = _token_loss_sum(model, batch)
+                loss, n = _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
                 total += loss.double()
                 tokens += n
         if was_training:
@@ -582,7 +611,7 @@ class Job:
                 for i, batch in enumerate(batches):
                     sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        part, _ = _token_loss_sum(model, batch)
+                        part, _ = _token_loss_sum(model, batch, cfg["train.fused_cross_entropy"])
                         # Normalise by the answer tokens of the whole step (all micro-batches, all processes),
                         # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
                         accelerator.backward(part * world / n_targets)
@@ -604,6 +633,50 @@ class Job:
             if world > 1:
                 loss_sum = accelerator.reduce(loss_sum, reduction="sum")
             return float(loss_sum), n_targets, int(tokens)
+
+    def _layer_notices(self, run: Run, model) -> None:
+        from .layers import layer_policy
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(inner, "_qlora_liger", None) == "missing":
+            self.hook.qlora_on_notice(run=run, message="liger-kernel is not installed: training without its fused "
+                                                       "kernels (pip install 'qlora[gpu]')")
+        policy = layer_policy(model)
+        if policy is not None and run.device != "cpu":
+            self.hook.qlora_on_notice(run=run, message=f"decoder layers: {policy.describe()}")
+
+    def _start_budget(self, model, device) -> bool:
+        """Before the first step under ``train.gpu_memory_budget``: measure one recomputed layer's activations."""
+        import torch
+
+        from .layers import layer_policy, layer_state
+
+        policy = layer_policy(model)
+        if self.config["train.gpu_memory_budget"] <= 0 or device.type != "cuda" or not policy \
+                or not policy.checkpointed:
+            return False
+        layer_state(model).measure_next = True
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+
+    def _apply_budget(self, run: Run, model, device) -> None:
+        """After the first step: keep the activations of as many layers as ``train.gpu_memory_budget`` allows."""
+        import torch
+
+        from .layers import layer_policy, layer_state, layers_within_budget, set_checkpointed_layers
+
+        state, policy = layer_state(model), layer_policy(model)
+        per_layer = state.layer_activation_bytes
+        if not per_layer:
+            return
+        budget = self.config["train.gpu_memory_budget"] * 2**30
+        peak = torch.cuda.max_memory_allocated(device)
+        keep = layers_within_budget(policy.checkpointed, peak, per_layer, budget)
+        set_checkpointed_layers(model, keep)
+        self.hook.qlora_on_notice(
+            run=run, message=f"train.gpu_memory_budget {budget / 2**30:g} GiB: peak {peak / 2**30:.1f} GiB with every "
+                             f"layer recomputed, {per_layer / 2**30:.2f} GiB per layer kept; "
+                             f"{policy.checkpointed - keep} of {policy.layers} layers now keep their activations")
 
     def _oom_message(self, run: Run, size: int) -> str:
         from .checkpoint import latest_checkpoint
@@ -637,6 +710,7 @@ class Job:
                 hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
             self._show_sample(run, "before")
         run.step = state.step
+        self._layer_notices(run, model)
         hook.qlora_on_train_start(run=run)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
@@ -647,7 +721,10 @@ class Job:
             t0 = time.perf_counter()
             examples = self._step_examples(state.examples_seen, per_step, rank, world)
             lr = scheduler.get_last_lr()[0]
+            budgeting = step == state.step + 1 and self._start_budget(model, device)
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
+            if budgeting:
+                self._apply_budget(run, model, device)
             grad_norm = None
             if cfg["train.max_grad_norm"] > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])

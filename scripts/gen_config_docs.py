@@ -40,6 +40,7 @@ TYPE_NAMES: dict[str, str] = {
     "str": "str",
     "str_list": "list of str",
     "str_or_list": "str or list of str",
+    "auto_bool": "bool or `auto`",
 }
 
 # An Option's ``check`` is code, so what it allows cannot be read off it: each one is described here.

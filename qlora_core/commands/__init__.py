@@ -5,4 +5,4 @@ nothing heavy at module level so that ``qlora --help`` stays fast.
 """
 
 #: Module names under ``qlora_core.commands``, in the order ``qlora --help`` lists them.
-COMMANDS = ("run", "eval", "generate", "merge", "plan", "plugins")
+COMMANDS = ("run", "eval", "generate", "merge", "plan", "bench", "plugins")

@@ -1,0 +1,160 @@
+"""Check every fused or restructured piece of qlora's fast path against its plain reference on a CUDA GPU:
+forward values and gradients, printed as one JSON object (max abs / relative differences and pass/fail).
+
+* the output head + cross-entropy: liger-kernel's fused kernel and qlora's chunked PyTorch function vs
+  ``F.cross_entropy(hidden @ W.T)`` (bf16 inputs, Llama-3 vocabulary);
+* liger-kernel's RMSNorm, RoPE and SwiGLU (the ``liger-kernels`` plugin) vs transformers' own Llama layer;
+* qlora's checkpointing with CPU offload (``qlora_core.layers``), and torch.compile of the layers, vs plain
+  layers: loss and every LoRA gradient of a 4-bit model.
+
+    python benchmarks/fused_check.py [--out FILE]
+
+Needs CUDA; without it, one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+
+def _diff(a, b) -> dict[str, float]:
+    a, b = a.float(), b.float()
+    d = (a - b).abs().max().item()
+    return {"max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)}
+
+
+def check_loss(results: dict) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from qlora_core.kernels import linear_cross_entropy_sum
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, h, v = 4096, 4096, 128256
+    hidden = (torch.randn(n, h, device="cuda", generator=g) * 0.5).bfloat16().requires_grad_(True)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.02).bfloat16()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    ref = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    (ref_g,) = torch.autograd.grad(ref, hidden)
+    for name, use_liger in (("liger_fused_linear_cross_entropy", True), ("chunked_linear_cross_entropy", False)):
+        x = hidden.detach().clone().requires_grad_(True)
+        loss = linear_cross_entropy_sum(x, weight, targets, use_liger=use_liger)
+        loss.backward()
+        r = {"loss": _diff(loss, ref), "grad_hidden": _diff(x.grad, ref_g)}
+        r["ok"] = r["loss"]["rel"] < 1e-3 and r["grad_hidden"]["rel"] < 2e-2
+        results[name] = r
+
+
+def _tiny_llama(device: str, layers: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=64, vocab_size=4096, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+
+
+def check_liger_layers(results: dict) -> None:
+    import torch
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    ref = _tiny_llama("cuda")
+    fused = copy.deepcopy(ref)
+    ids = torch.randint(0, 4096, (2, 256), device="cuda")
+    out_ref = ref(input_ids=ids).logits.float()
+    out_ref.square().mean().backward()
+    from transformers.models.llama import modeling_llama
+
+    saved = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP)
+    try:
+        _apply_liger_kernel_to_instance(model=fused, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        out = fused(input_ids=ids).logits.float()
+        out.square().mean().backward()
+    finally:  # the rest of this script compares against transformers' own layers
+        modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP = saved
+    worst = max((_diff(p.grad, q.grad)["rel"], n) for (n, p), q in zip(fused.named_parameters(), ref.parameters()))
+    r = {"logits": _diff(out, out_ref), "worst_grad_rel": worst[0], "worst_grad_param": worst[1]}
+    r["ok"] = r["logits"]["rel"] < 2e-2 and r["worst_grad_rel"] < 5e-2
+    results["liger_rmsnorm_rope_swiglu"] = r
+
+
+def check_layers(results: dict) -> None:
+    """qlora's checkpointing (+offload) and compile vs plain layers on a 4-bit model with LoRA."""
+    import tempfile
+
+    import torch
+
+    from qlora_core.layers import checkpoint_layers, compile_layers, set_checkpointed_layers
+    from qlora_core.shapes import SHAPES, build_direct, write_config_folder
+    from qlora_core.trainer import Job, _token_loss_sum
+
+    shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
+    folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")
+    variants = {}
+    for name, ckpt, offload, comp in (("plain", False, False, False), ("checkpointed", True, False, False),
+                                      ("checkpointed_offloaded", True, True, False),
+                                      ("checkpointed_offloaded_compiled", True, True, True)):
+        job = Job(None, plugins=["no:gradient-checkpointing", "no:liger-kernels"],
+                  overrides=[("model.name_or_path", str(folder)), ("train.compile", False)])
+        job.tokenizer = type("T", (), {"pad_token_id": 0})()
+        model = job.load_model(base=build_direct(folder, "cuda", torch.bfloat16, seed=0))
+        if ckpt:
+            checkpoint_layers(model, offload=offload)
+        else:
+            set_checkpointed_layers(model, 0)
+        if comp:
+            compile_layers(model)
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 1000, (2, 1024), generator=g).cuda()
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = _token_loss_sum(model, batch)
+        loss.backward()
+        torch.cuda.synchronize()
+        variants[name] = (loss.detach().float(), {k: p.grad.float().clone() for k, p in model.named_parameters()
+                                                  if p.requires_grad})
+        del model, job
+        torch.cuda.empty_cache()
+    ref_loss, ref_grads = variants.pop("plain")
+    for name, (loss, grads) in variants.items():
+        worst = max((_diff(grads[k], ref_grads[k])["rel"], k) for k in ref_grads)
+        r = {"loss": _diff(loss, ref_loss), "worst_grad_rel": worst[0], "worst_grad_param": worst[1],
+             "all_grads_nonzero": all(bool(grads[k].abs().sum() > 0) for k in grads if "lora_B" in k)}
+        # checkpointing replays the same bf16 maths: exact; compiled kernels may fuse differently (bf16 noise)
+        tol = 5e-2 if "compiled" in name else 1e-6
+        r["ok"] = r["loss"]["rel"] < max(tol, 1e-6) and r["worst_grad_rel"] <= tol and r["all_grads_nonzero"]
+        results[name] = r
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: fused_check needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
+        return 2
+    results: dict = {"gpu": torch.cuda.get_device_name(0)}
+    for check in (check_loss, check_liger_layers, check_layers):
+        try:
+            check(results)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other checks
+            results[check.__name__] = {"error": f"{type(e).__name__}: {e}", "ok": False}
+    results["all_ok"] = all(v.get("ok", True) for v in results.values() if isinstance(v, dict))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if results["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

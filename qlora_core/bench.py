@@ -1,0 +1,381 @@
+"""``qlora bench``: the seed recipe and qlora's trainer, side by side, on the same shape, data and settings.
+
+One invocation measures every variant asked for, each in a fresh process (so one variant's memory, compiled
+code and allocator state cannot flatter or burden the next): the model of a real architecture's shape is built
+with random weights straight into 4 bits (:mod:`qlora_core.shapes`; no checkpoint, no download), then
+
+* ``seed``: the QLoRA guide's code as written: ``gradient_checkpointing_enable()``,
+  ``prepare_model_for_kbit_training``, ``LoraConfig(target_modules="all-linear")``, bitsandbytes' paged AdamW
+  8-bit, bf16 autocast and the model's own loss (``labels=input_ids``), gradient clipping;
+* ``qlora``: ``qlora run``'s own path (:class:`qlora_core.trainer.Job`, its plugins and loop) with its defaults;
+* ablations: ``qlora`` with one lever changed (``--ablations`` runs them all; see :data:`VARIANTS`), or any
+  ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
+
+Every variant trains on the same token sequences in the same order, with the same LoRA initialisation and a
+constant learning rate, so their loss curves are comparable step by step. Printed for each: median step time,
+tokens/s, peak allocated and reserved GPU memory, weight memory after loading, final loss, and the ratios to
+``seed``; ``--json`` prints it all as JSON.
+
+    qlora bench --shape llama3-8b --seq 2048 --batch 4 --steps 10
+    qlora bench --shape llama3-8b --ablations --json --out bench.json
+    python -m qlora_core.bench ...        # the same, as a script
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UsageError
+
+GIB = 2 ** 30
+
+#: Named variants: overrides of qlora's config (``--set``-style) and plugins; ``seed`` is the guide's code.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "seed": {"help": "the guide's recipe: transformers + PEFT + bitsandbytes, prepare_model_for_kbit_training, "
+                     "gradient checkpointing, paged AdamW 8-bit"},
+    "qlora": {"help": "qlora's defaults", "set": [], "plugins": []},
+    "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
+                          "set": ["quant.fp32_upcast=true"]},
+    "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
+    "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
+                         "set": ["train.fused_cross_entropy=false"]},
+    "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
+    "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
+                      "set": ["train.activation_offload=false"]},
+    "qlora-checkpointing": {"help": "no gradient checkpointing at all", "plugins": ["no:gradient-checkpointing"]},
+    "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
+                     "set": ["train.gpu_memory_budget=40"]},
+}
+ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora-compile",
+             "qlora-offload", "qlora+budget")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` of :data:`VARIANTS`, or ``NAME=KEY=VALUE[,KEY=VALUE...]`` (qlora with those overrides;
+    ``plugin:NAME`` entries add plugins, e.g. ``plugin:no:liger-kernels``)."""
+    if "=" not in text:
+        if text not in VARIANTS:
+            raise UsageError(f"unknown bench variant {text!r}; known: {', '.join(VARIANTS)} "
+                             f"(or NAME=KEY=VALUE,... for qlora with overrides)")
+        return text, VARIANTS[text]
+    name, _, spec = text.partition("=")
+    sets, plugins = [], []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        if item.startswith("plugin:"):
+            plugins.append(item[len("plugin:"):])
+        elif "=" in item:
+            sets.append(item)
+        else:
+            raise UsageError(f"bench variant {text!r}: {item!r} is neither KEY=VALUE nor plugin:NAME")
+    return name, {"help": spec, "set": sets, "plugins": plugins}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_sequences(n: int, seq: int, vocab: int, seed: int) -> list[list[int]]:
+    """``n`` token sequences a model can learn from quickly: each repeats a random motif of 16 tokens drawn
+    from the first 1,024 ids, so the loss falls from ln(vocab) as the step-by-step curves are compared."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    pool = min(vocab, 1024)
+    out = []
+    for _ in range(n):
+        motif = torch.randint(0, pool, (16,), generator=gen)
+        out.append(motif.repeat(seq // 16 + 1)[:seq].tolist())
+    return out
+
+
+# --------------------------------------------------------------------------- one variant (worker process)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory() -> dict[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+
+
+def _build(args: dict[str, Any], model_dir: Path, device: str):
+    import torch
+
+    from .shapes import build_direct
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = build_direct(model_dir, device, dtype, seed=args["seed"])
+    _sync()
+    allocated = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
+    return model, dtype, time.perf_counter() - t0, allocated
+
+
+def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
+    """The guide's recipe, as its code is written (Quick Start and Workflow 1), for ``steps`` steps."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .trainer import epoch_order
+
+    model, dtype, build_seconds, weights = _build(args, model_dir, device)
+    model.gradient_checkpointing_enable()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=args["r"], lora_alpha=2 * args["r"], lora_dropout=args["lora_dropout"],
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(args["seed"])
+    model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
+        params, lr=args["learning_rate"], weight_decay=0.0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    total = args["warmup"] + args["steps"]
+    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"])
+    order = epoch_order(len(data), args["seed"], 0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    steps = []
+    for step in range(total):
+        ids = torch.tensor([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device=device)
+        _sync()
+        t = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(out.loss)
+        del out
+        _sync()
+        steps.append({"loss": loss, "seconds": time.perf_counter() - t, "tokens": int(ids.numel())})
+    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
+
+
+class _BenchTokenizer:
+    """What the trainer asks of a tokenizer when the data is already token ids (nothing is exported)."""
+
+    pad_token_id = 0
+    eos_token = ""
+
+    def save_pretrained(self, path) -> None:  # pragma: no cover - exporters are off in the bench
+        pass
+
+
+def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence[str],
+              plugins: Sequence[str]) -> dict[str, Any]:
+    """qlora's trainer (``Job``) on the built model, with its plugins and loop, for ``steps`` steps."""
+    import torch
+
+    from .data import TokenizedExample
+    from .trainer import Job
+
+    overrides: list[Any] = [
+        ("model.name_or_path", str(model_dir)), ("lora.r", args["r"]), ("lora.lora_alpha", 2.0 * args["r"]),
+        ("lora.lora_dropout", args["lora_dropout"]), ("train.per_device_train_batch_size", args["batch"]),
+        ("train.gradient_accumulation_steps", 1), ("train.max_steps", args["warmup"] + args["steps"]),
+        ("train.max_seq_length", args["seq"]), ("train.learning_rate", args["learning_rate"]),
+        ("train.lr_scheduler_type", "constant"), ("train.max_grad_norm", args["max_grad_norm"]),
+        ("train.logging_steps", 1), ("train.save_strategy", "no"), ("train.sample_max_new_tokens", 0),
+        ("train.seed", args["seed"]), *sets,
+    ]
+    out = Path(tempfile.mkdtemp(prefix="qlora-bench-run-"))
+    job = Job(None, plugins=["no:adapter-export", "no:rich-progress", *plugins], overrides=overrides,
+              output_dir=out / "run")
+    model, _, build_seconds, weights = _build(args, model_dir, device)
+    job.tokenizer = _BenchTokenizer()
+    job.load_model(base=model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    total = args["warmup"] + args["steps"]
+    job.train_examples = [TokenizedExample(ids, list(ids))
+                          for ids in make_sequences(total * args["batch"], args["seq"], vocab, args["seed"])]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = job.run()
+    rows = [m for m in result.metrics if "loss" in m and "tokens_per_second" in m]
+    steps = [{"loss": m["loss"], "seconds": m["tokens"] / m["tokens_per_second"], "tokens": m["tokens"]}
+             for m in rows]
+    from .layers import layer_policy
+
+    policy = layer_policy(job.model)
+    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
+            "layers": policy.describe() if policy else None, **_memory()}
+
+
+def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if name == "seed":
+        result = run_seed(args, model_dir, device)
+    else:
+        result = run_qlora(args, model_dir, device, spec.get("set", []), spec.get("plugins", []))
+    measured = result["steps"][args["warmup"]:] or result["steps"]
+    seconds = statistics.median(s["seconds"] for s in measured)
+    tokens = measured[0]["tokens"]
+    result.update(variant=name, help=spec.get("help", ""), median_step_seconds=seconds,
+                  tokens_per_second=tokens / seconds, losses=[s["loss"] for s in result["steps"]],
+                  final_loss=result["steps"][-1]["loss"])
+    del result["steps"]
+    return result
+
+
+# --------------------------------------------------------------------------- the command (parent process)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger_kernel"):
+        try:
+            out[m] = __import__(m).__version__
+        except Exception:  # noqa: BLE001 - absent or versionless
+            try:
+                from importlib.metadata import version
+
+                out[m] = version(m.replace("_", "-"))
+            except Exception:  # noqa: BLE001
+                out[m] = "not installed"
+    return out
+
+
+def run_variant_process(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Path,
+                        timeout: float | None = None) -> dict[str, Any]:
+    """Run one variant in a fresh Python process; its JSON result, or an ``error`` entry."""
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
+        job = Path(tmp) / "job.json"
+        result_file = Path(tmp) / "result.json"
+        job.write_text(json.dumps({"name": name, "spec": spec, "args": args, "model_dir": str(model_dir)}))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "qlora_core.bench", "--worker", str(job), str(result_file)],
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"variant": name, "help": spec.get("help", ""), "error": f"took over {timeout:g} s"}
+        if proc.returncode == 0 and result_file.is_file():
+            return json.loads(result_file.read_text())
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        oom = any("OutOfMemoryError" in line or "out of memory" in line for line in tail)
+        return {"variant": name, "help": spec.get("help", ""),
+                "error": "out of GPU memory" if oom else f"exit code {proc.returncode}", "log_tail": tail}
+
+
+def compare(results: list[dict[str, Any]]) -> None:
+    """Add ratios to ``seed`` (tokens/s and peak memory) and the loss curves' largest difference."""
+    seed = next((r for r in results if r.get("variant") == "seed" and "error" not in r), None)
+    if seed is None:
+        return
+    for r in results:
+        if r is seed or "error" in r:
+            continue
+        r["speedup_vs_seed"] = r["tokens_per_second"] / seed["tokens_per_second"]
+        if r.get("peak_allocated_gib") and seed.get("peak_allocated_gib"):
+            r["memory_vs_seed"] = r["peak_allocated_gib"] / seed["peak_allocated_gib"]
+        n = min(len(r["losses"]), len(seed["losses"]))
+        if n:
+            r["loss_max_abs_diff_vs_seed"] = max(abs(a - b) for a, b in zip(r["losses"][:n], seed["losses"][:n]))
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    a = report["settings"]
+    table = Table(title=f"qlora bench: {a['shape']}, seq {a['seq']}, batch {a['batch']}, r {a['r']}, "
+                        f"lora_dropout {a['lora_dropout']:g}, {a['steps']} steps after {a['warmup']} warmup "
+                        f"({report['device']})")
+    for col in ("variant", "step s", "tokens/s", "x seed", "peak alloc GiB", "peak reserved GiB",
+                "weights GiB", "mem / seed", "final loss", "max |loss - seed|"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in report["results"]:
+        if "error" in r:
+            table.add_row(r["variant"], r["error"], *[""] * 8)
+            continue
+        table.add_row(r["variant"], f(r["median_step_seconds"], ".3f"), f(r["tokens_per_second"], ",.0f"),
+                      f(r.get("speedup_vs_seed"), ".2f"), f(r.get("peak_allocated_gib"), ".2f"),
+                      f(r.get("peak_reserved_gib"), ".2f"), f(r.get("weights_gib"), ".2f"),
+                      f(r.get("memory_vs_seed"), ".2f"), f(r["final_loss"], ".4f"),
+                      f(r.get("loss_max_abs_diff_vs_seed"), ".4f"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=180)
+    console.print(table)
+    for r in report["results"]:
+        if r.get("layers"):
+            console.print(f"  {r['variant']}: {r['layers']}")
+
+
+def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int = 10, warmup: int = 2, r: int = 16,
+          lora_dropout: float = 0.0, variants: Sequence[str] = ("seed", "qlora"), learning_rate: float = 2e-4,
+          max_grad_norm: float = 0.3, seed: int = 42, timeout: float | None = None) -> dict[str, Any]:
+    """Measure ``variants`` on one shape; the report that ``qlora bench --json`` prints."""
+    import torch
+
+    from .shapes import shape_config, write_config_folder
+
+    config = shape_config(shape)
+    for label, value in (("--seq", seq), ("--batch", batch), ("--steps", steps), ("--r", r)):
+        if value < 1:
+            raise UsageError(f"{label} must be at least 1 (got {value})")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more (got {warmup})")
+    if not 0 <= lora_dropout < 1:
+        raise UsageError(f"--lora-dropout must be in [0, 1) (got {lora_dropout})")
+    parsed = [parse_variant(v) for v in variants]
+    args = {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "r": r,
+            "lora_dropout": lora_dropout, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm,
+            "seed": seed}
+    with tempfile.TemporaryDirectory(prefix="qlora-bench-model-") as tmp:
+        model_dir = write_config_folder(config, Path(tmp) / "model")
+        results = [run_variant_process(name, spec, args, model_dir, timeout) for name, spec in parsed]
+    compare(results)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"settings": args, "device": device, "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
+            "results": results}
+
+
+def _worker_main(job_file: str, result_file: str) -> int:
+    from .cli import quiet_third_party_noise
+
+    quiet_third_party_noise()
+    job = json.loads(Path(job_file).read_text())
+    result = worker(job["name"], job["spec"], job["args"], Path(job["model_dir"]))
+    Path(result_file).write_text(json.dumps(result, default=lambda x: None if isinstance(x, float) and
+                                            not math.isfinite(x) else str(x)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv[1], argv[2])
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

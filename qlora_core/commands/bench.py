@@ -1,0 +1,54 @@
+"""``qlora bench``: the guide's recipe and qlora's trainer measured side by side on a real architecture's shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "measure the guide's recipe and qlora's trainer side by side (tokens/s, GPU memory) on a model shape"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..bench import VARIANTS
+    from ..shapes import SHAPES
+
+    parser.add_argument("--shape", default="llama3-8b", metavar="NAME_OR_PATH",
+                        help=f"{', '.join(SHAPES)}, or a config.json (or model folder) path; random weights, "
+                             f"built straight into 4 bits")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the measured ones (default 2)")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank, all linear layers, alpha 2r (default 16)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    parser.add_argument("--variant", action="append", dest="variants", metavar="NAME[=KEY=VALUE,...]",
+                        help=f"what to measure (repeatable; default seed and qlora): {', '.join(VARIANTS)}, or "
+                             f"NAME=KEY=VALUE,... for qlora with config overrides (plugin:NAME adds a plugin)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="measure the seed, qlora and qlora with each lever changed, one at a time")
+    parser.add_argument("--variant-timeout", type=float, default=1200, metavar="SECONDS",
+                        help="stop a variant that takes longer (default 1200)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..bench import ABLATIONS, bench, render
+
+    variants = list(args.variants or [])
+    if args.ablations:
+        variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
+    report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
+                   lora_dropout=args.lora_dropout, variants=variants or ("seed", "qlora"),
+                   timeout=args.variant_timeout)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        render(report)
+    failed = [r["variant"] for r in report["results"] if "error" in r]
+    return 1 if failed and len(failed) == len(report["results"]) else 0

@@ -1,0 +1,330 @@
+"""How the decoder layers run during training: recomputed or not, their saved inputs offloaded or not, compiled
+or not.
+
+Gradient checkpointing keeps only each decoder layer's input and recomputes the layer in the backward pass.
+:func:`checkpoint_layers` does it with a custom autograd function instead of transformers' own checkpointing so
+that it can also:
+
+* **offload** the saved inputs to pinned CPU memory on a side CUDA stream, overlapped with the next layers'
+  compute, and bring each back (prefetched one layer ahead) during the backward pass: the GPU then holds one
+  layer's activations at a time, whatever the depth of the model;
+* **checkpoint only some layers**: layers left out keep their activations (no recomputation, faster), so a
+  memory budget can buy speed layer by layer (:func:`layers_within_budget`);
+* **compile** (:func:`compile_layers`) each layer's own computation with ``torch.compile`` (the checkpointing and the copies stay
+  outside the compiled graph).
+
+Off CUDA the offload is a no-op (the input is kept as it is) and the rest works the same, so the CPU tests run
+the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a causal LM (under a PEFT wrapper too): the first ``nn.ModuleList`` of layers."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", inner)
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return list(layers)
+    for module in inner.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and \
+                type(module[0]).__name__.endswith(("DecoderLayer", "Block", "Layer")):
+            return list(module)
+    return []
+
+
+@dataclass
+class _Offloader:
+    """Copies saved layer inputs to pinned CPU buffers and back, on one side stream (CUDA only)."""
+
+    stream: Any = None
+    buffers: dict[int, Any] = field(default_factory=dict)  # layer index -> pinned CPU buffer (reused every step)
+    pending: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # prefetched: index -> (gpu tensor, event)
+
+    def offload(self, index: int, x):
+        """Start copying ``x`` to the CPU; returns what :meth:`fetch` needs later."""
+        import torch
+
+        if not x.is_cuda:
+            return x
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=x.device)
+        numel = x.numel()
+        buf = self.buffers.get(index)
+        if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
+            buf = torch.empty(numel, dtype=x.dtype, pin_memory=True)
+            self.buffers[index] = buf
+        cpu = buf[:numel].view(x.shape)
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.stream):
+            cpu.copy_(x, non_blocking=True)
+        x.record_stream(self.stream)  # x may be freed by the caller; its memory waits for the copy
+        return (cpu, x.device)
+
+    def prefetch(self, index: int, saved) -> None:
+        """Start bringing layer ``index``'s input back to the GPU (before its backward needs it)."""
+        import torch
+
+        if not isinstance(saved, tuple) or index in self.pending:
+            return
+        cpu, device = saved
+        compute = torch.cuda.current_stream(device)
+        gpu = torch.empty(cpu.shape, dtype=cpu.dtype, device=device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            gpu.copy_(cpu, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        gpu.record_stream(compute)
+        self.pending[index] = (gpu, event)
+
+    def fetch(self, index: int, saved):
+        import torch
+
+        if not isinstance(saved, tuple):
+            return saved
+        if index not in self.pending:
+            self.prefetch(index, saved)
+        gpu, event = self.pending.pop(index)
+        torch.cuda.current_stream(gpu.device).wait_event(event)
+        return gpu
+
+
+class _State:
+    """What the layers of one model share: the offloader and the inputs saved in the current forward pass."""
+
+    def __init__(self, offload: bool):
+        self.offload = offload
+        self.offloader = _Offloader()
+        self.saved: dict[int, Any] = {}  # layer index -> saved input (on the GPU, or (cpu buffer, device))
+        self.measure_next = False
+        self.layer_activation_bytes: int | None = None
+
+
+def _checkpoint_function():
+    import torch
+
+    class CheckpointedLayer(torch.autograd.Function):
+        """Runs a decoder layer without keeping its activations; recomputes it in the backward pass."""
+
+        @staticmethod
+        def forward(ctx, hidden, run: Callable, state: _State, index: int, *tensors):
+            ctx.run, ctx.state, ctx.index = run, state, index
+            ctx.save_for_backward(*tensors)  # small extras (rotary cos/sin, masks): kept on the GPU
+            ctx.rng_cpu = torch.get_rng_state()
+            ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+            ctx.autocast = _autocast_state(hidden.device.type)
+            with torch.no_grad():
+                out = run(hidden, *tensors)
+            state.saved[index] = state.offloader.offload(index, hidden.detach()) if state.offload \
+                else hidden.detach()
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            state, index = ctx.state, ctx.index
+            hidden = state.offloader.fetch(index, state.saved.pop(index))
+            # While this layer recomputes, bring the previous layer's input back.
+            if state.offload and index - 1 in state.saved:
+                state.offloader.prefetch(index - 1, state.saved[index - 1])
+            tensors = ctx.saved_tensors
+            hidden = hidden.detach().requires_grad_(True)
+            measure = state.measure_next and hidden.is_cuda
+            before = torch.cuda.memory_allocated(hidden.device) if measure else 0
+            with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else [],
+                                       device_type=hidden.device.type):
+                torch.set_rng_state(ctx.rng_cpu)
+                if ctx.rng_cuda is not None:
+                    torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
+                with torch.enable_grad(), _autocast(hidden.device.type, ctx.autocast):
+                    out = ctx.run(hidden, *tensors)
+            if measure:  # what this layer keeps for backward when it is not checkpointed
+                state.layer_activation_bytes = torch.cuda.memory_allocated(hidden.device) - before
+                state.measure_next = False
+            torch.autograd.backward(out, grad_out)
+            return (hidden.grad, None, None, None) + (None,) * len(tensors)
+
+    return CheckpointedLayer
+
+
+def _autocast_state(device_type: str):
+    import torch
+
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(device_type: str, dtype):
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+_FUNCTION: Any = None
+
+
+def _wrap(layer, index: int, state: _State) -> None:
+    """Give ``layer`` a forward that checkpoints it (when ``layer._qlora_checkpoint`` is set and gradients are
+    being recorded) and otherwise runs ``layer._qlora_inner`` (its own forward, or a compiled one)."""
+    global _FUNCTION
+    import torch
+
+    if _FUNCTION is None:
+        _FUNCTION = _checkpoint_function()
+    if getattr(layer, "_qlora_original_forward", None) is None:
+        layer._qlora_original_forward = layer.forward
+        layer._qlora_inner = layer._qlora_original_forward
+    layer._qlora_state = state
+
+    def forward(hidden_states, *args, **kwargs):
+        # The compiled forward is for training; generation (KV cache, one token at a time) runs the plain one.
+        inner = layer._qlora_inner if layer.training else layer._qlora_original_forward
+        if not (layer._qlora_checkpoint and layer.training and torch.is_grad_enabled()):
+            return inner(hidden_states, *args, **kwargs)
+        # A recomputed layer must not append its keys and values to a KV cache a second time: training needs
+        # no cache, so a checkpointed call gets none.
+        for name in ("cache", "past_key_values", "past_key_value"):  # the name changed across transformers
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+        # Tensors among the keyword arguments (rotary cos/sin, masks) go through the autograd function as
+        # inputs; the rest (flags) are bound in the closure.
+        names, tensors = [], []
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                names.append((k, None))
+                tensors.append(v)
+            elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+                names.append((k, len(v)))
+                tensors.extend(v)
+        others = {k: v for k, v in kwargs.items() if k not in {n for n, _ in names}}
+
+        def run(h, *ts):
+            kw, i = dict(others), 0
+            for k, n in names:
+                if n is None:
+                    kw[k] = ts[i]
+                    i += 1
+                else:
+                    kw[k] = tuple(ts[i:i + n])
+                    i += n
+            out = inner(h, *args, **kw)
+            layer._qlora_returns_tuple = isinstance(out, tuple)
+            return out[0] if isinstance(out, tuple) else out
+
+        if not hidden_states.requires_grad:  # e.g. frozen embeddings: the function must still see a gradient
+            hidden_states = hidden_states.detach().requires_grad_(True)
+        out = _FUNCTION.apply(hidden_states, run, layer._qlora_state, index, *tensors)
+        return (out,) if layer._qlora_returns_tuple else out
+
+    layer.forward = forward
+
+
+@dataclass
+class LayerPolicy:
+    """What the decoder layers do: how many are recomputed, whether their inputs are offloaded,
+    whether layers are compiled."""
+
+    layers: int
+    checkpointed: int
+    offload: bool
+    compiled: bool
+
+    def describe(self) -> str:
+        parts = [f"{self.checkpointed} of {self.layers} decoder layers recomputed in backward"]
+        if self.checkpointed and self.offload:
+            parts.append("their inputs offloaded to CPU memory asynchronously")
+        if self.compiled:
+            parts.append("each layer compiled")
+        return ", ".join(parts)
+
+
+def _wrapped_layers(model) -> list:
+    """The decoder layers, each given the dispatching forward of :func:`_wrap` (once)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return []
+    state = getattr(model, "_qlora_layer_state", None) or _State(offload=False)
+    model._qlora_layer_state = state
+    for i, layer in enumerate(layers):
+        if getattr(layer, "_qlora_state", None) is not state:
+            _wrap(layer, i, state)
+            layer._qlora_checkpoint = False
+            layer._qlora_returns_tuple = False
+    return layers
+
+
+def checkpoint_layers(model, offload: bool = False) -> bool:
+    """Recompute every decoder layer in the backward pass, its input kept (or offloaded when ``offload``).
+    False when the model's decoder layers cannot be found (the caller falls back to transformers' own)."""
+    layers = _wrapped_layers(model)
+    if not layers:
+        return False
+    model._qlora_layer_state.offload = offload
+    for layer in layers:
+        layer._qlora_checkpoint = True
+    return True
+
+
+def compile_layers(model) -> bool:
+    """Compile each decoder layer's own forward with ``torch.compile`` (for training)."""
+    import torch
+
+    layers = _wrapped_layers(model)
+    for layer in layers:
+        if layer._qlora_inner is layer._qlora_original_forward:
+            layer._qlora_inner = torch.compile(layer._qlora_original_forward)
+    return bool(layers)
+
+
+def layer_policy(model) -> LayerPolicy | None:
+    """What the decoder layers do now (None if they were never configured)."""
+    state = getattr(model, "_qlora_layer_state", None)
+    if state is None and hasattr(model, "get_base_model"):
+        state = getattr(model.get_base_model(), "_qlora_layer_state", None)
+    layers = decoder_layers(model)
+    if state is None or not layers:
+        return None
+    checkpointed = sum(bool(getattr(layer, "_qlora_checkpoint", False)) for layer in layers)
+    compiled = any(getattr(layer, "_qlora_inner", None) is not getattr(layer, "_qlora_original_forward", None)
+                   for layer in layers)
+    return LayerPolicy(layers=len(layers), checkpointed=checkpointed, offload=state.offload and checkpointed > 0,
+                       compiled=compiled)
+
+
+def layer_state(model) -> "_State | None":
+    state = getattr(model, "_qlora_layer_state", None)
+    if state is None and hasattr(model, "get_base_model"):
+        state = getattr(model.get_base_model(), "_qlora_layer_state", None)
+    return state
+
+
+def set_checkpointed_layers(model, count: int) -> None:
+    """Recompute only the first ``count`` decoder layers (the others keep their activations)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        if hasattr(layer, "_qlora_checkpoint"):
+            layer._qlora_checkpoint = i < count
+
+
+def layers_within_budget(n_layers: int, peak_all_checkpointed: float, layer_activation_bytes: float,
+                         budget_bytes: float, margin: float = 0.9) -> int:
+    """How many layers must stay checkpointed so that the peak stays within ``budget_bytes``.
+
+    Each layer that is not recomputed keeps its activations (``layer_activation_bytes``) on top of the peak
+    measured with every layer recomputed; ``margin`` leaves room for what varies between steps.
+    """
+    if layer_activation_bytes <= 0:
+        return n_layers
+    room = budget_bytes * margin - peak_all_checkpointed
+    free = int(max(0.0, room) // layer_activation_bytes)
+    return max(0, n_layers - min(n_layers, free))

@@ -1,0 +1,150 @@
+"""The fused and restructured pieces of the training step against their plain references, on the CPU:
+the chunked output head + cross-entropy, qlora's own layer checkpointing (with the offload path's bookkeeping),
+the memory-budget arithmetic, and the lean k-bit preparation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_core.trainer import Job
+
+
+def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradients():
+    from qlora_core.kernels import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(101, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 101, (37,), generator=g)
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk=8)  # 5 chunks, the last one partial
+    (loss * 0.5).backward()  # a scaled upstream gradient must scale both gradients
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    (ref * 0.5).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, hidden.grad)
+    torch.testing.assert_close(gw, weight.grad)
+
+
+def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
+    from qlora_core.kernels import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g)  # frozen, like a QLoRA head
+    targets = torch.randint(0, 50, (10,), generator=g)
+    ref = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, targets, chunk=3), ref)
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk=3)
+    loss.backward()
+    expected = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)[0]
+    torch.testing.assert_close(hidden.grad, expected)
+    assert weight.grad is None
+
+
+def _loss_and_grads(job, model, batch, fused=True):
+    from qlora_core.trainer import _token_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    loss, _ = _token_loss_sum(model, batch, fused)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config, tmp_path, dropout):
+    """Same loss and LoRA gradients with every layer recomputed (qlora's own checkpointing, dropout replayed
+    from the saved RNG state), with none recomputed, and with a budget's mix; the fused head+loss too."""
+    from qlora_core.data import collate
+    from qlora_core.layers import layer_policy, set_checkpointed_layers
+
+    cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
+    job = Job(cfg, output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    policy = layer_policy(model)
+    assert policy is not None and policy.checkpointed == policy.layers >= 2  # the plugin's default
+    # With a KV cache on, the recomputation must not attend to the keys its first pass left in the cache.
+    model.get_base_model().config.use_cache = True
+    model.train()
+    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+
+    def run(fused=True):
+        torch.manual_seed(123)  # the same dropout masks in every variant
+        return _loss_and_grads(job, model, batch, fused)
+
+    loss_ckpt, grads_ckpt = run()
+    set_checkpointed_layers(model, 0)
+    loss_plain, grads_plain = run()
+    loss_unfused, grads_unfused = run(fused=False)
+    set_checkpointed_layers(model, 1)
+    assert layer_policy(model).checkpointed == 1
+    loss_mixed, grads_mixed = run()
+    for loss, grads in ((loss_ckpt, grads_ckpt), (loss_unfused, grads_unfused), (loss_mixed, grads_mixed)):
+        torch.testing.assert_close(loss, loss_plain)
+        assert grads.keys() == grads_plain.keys() and grads
+        for k in grads:
+            torch.testing.assert_close(grads[k], grads_plain[k], msg=k)
+    # Every adapted layer got a gradient, the first decoder layer's too (its input needs no gradient).
+    assert all(g.abs().sum() > 0 for k, g in grads_ckpt.items() if "lora_B" in k)
+
+
+def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path):
+    """Recomputed layers hold no activations between forward and backward: fewer saved tensors."""
+    from qlora_core.data import collate
+    from qlora_core.layers import set_checkpointed_layers
+    from qlora_core.trainer import _token_loss_sum
+
+    job = Job(tiny_config, output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    model.train()
+    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+
+    def saved_bytes() -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = _token_loss_sum(model, batch)
+        loss.backward()
+        return total
+
+    checkpointed = saved_bytes()
+    set_checkpointed_layers(model, 0)
+    plain = saved_bytes()
+    assert checkpointed < plain / 2
+
+
+def test_budget_arithmetic():
+    from qlora_core.layers import layers_within_budget
+
+    gib = 2**30
+    # 32 layers, 8 GiB peak with all recomputed, 1 GiB per kept layer
+    assert layers_within_budget(32, 8 * gib, gib, 0.0) == 32
+    assert layers_within_budget(32, 8 * gib, gib, 8 * gib) == 32  # no room above the lean peak
+    assert layers_within_budget(32, 8 * gib, gib, 20 * gib) == 32 - 10  # 20 x 0.9 - 8 = 10 layers kept
+    assert layers_within_budget(32, 8 * gib, gib, 200 * gib) == 0
+    assert layers_within_budget(32, 8 * gib, 0, 200 * gib) == 32
+
+
+def test_lean_kbit_preparation_keeps_dtypes_and_the_upcast_stays_selectable(tiny_config, tmp_path):
+    bf16 = ["quant.bnb_4bit_compute_dtype=bfloat16"]
+    lean = Job(tiny_config, overrides=bf16, output_dir=tmp_path / "a").load_base_model()
+    assert not any(p.requires_grad for p in lean.parameters())
+    upcast = Job(tiny_config, overrides=bf16 + ["quant.fp32_upcast=true"], output_dir=tmp_path / "b").load_base_model()
+    assert not any(p.requires_grad for p in upcast.parameters())
+
+    def norm_dtype(model):
+        return next(p for n, p in model.named_parameters() if "norm" in n).dtype
+
+    assert norm_dtype(lean) == torch.bfloat16  # kept in the compute dtype
+    assert norm_dtype(upcast) == torch.float32  # PEFT's prepare_model_for_kbit_training
