@@ -153,3 +153,45 @@ def test_qlora_run_with_packing_trains_counts_real_tokens_and_writes_an_adapter(
         examples = job._step_examples(4 * i, 4, 0, 1)
         assert row["tokens"] == sum(len(x.input_ids) for x in examples)
         assert row["tokens_per_second"] > 0
+
+
+# --------------------------------------------------------------------------- benchmarks/packing_bench.py
+
+
+def _load_packing_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "packing_bench.py"
+    spec = importlib.util.spec_from_file_location("packing_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["packing_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packing_bench_without_cuda_stops_with_one_line(capsys, monkeypatch):
+    bench = _load_packing_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--shape", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA" in err[0] and err[0].startswith("error:")
+
+
+def test_packing_bench_pipeline_runs_on_the_cpu(tmp_path):
+    """The GPU script's modes on a tiny shape on the CPU: what can break there breaks here first."""
+    bench = _load_packing_bench()
+    shape = dict(bench.SHAPES["smollm2-135m"], num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    folder = bench.write_config_folder(shape, tmp_path / "model")
+    args = bench.parse_args(["--shape", str(folder), "--min-len", "4", "--max-len", "24", "--steps", "2",
+                             "--warmup", "1", "--r", "8"])
+    result = bench.measure(args, folder, "cpu")
+    check = result["packing_check"]
+    assert check["probe_ok"] and check["loss_rel_diff"] < 1e-5
+    modes = result["modes"]
+    assert modes["dense"]["padding_tokens"] == 0 and modes["packed"]["padding_tokens"] == 0
+    assert modes["padded"]["real_tokens"] == modes["packed"]["real_tokens"] < modes["padded"]["computed_tokens"]
+    assert modes["packed"]["padding_waste_pct_if_padded"] == modes["padded"]["padding_waste_pct"] > 0
+    assert result["packed_over_dense"] > 0
