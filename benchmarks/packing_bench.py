@@ -25,16 +25,15 @@ Needs a CUDA GPU and bitsandbytes; without CUDA it stops with one ``error:`` lin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plan_check import SHAPES, build_direct, prepare_like_qlora, shape_config, write_config_folder  # noqa: E402
+from plan_check import (SHAPES, build_direct, gpu_model_folder, prepare_like_qlora, print_result,  # noqa: E402
+                        versions)
 
 GIB = 2 ** 30
 MODES = ("dense", "padded", "packed")
@@ -199,35 +198,19 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config_json = shape_config(args.shape)
-    try:
-        import torch
-    except ImportError:
-        print("error: packing_bench needs torch", file=sys.stderr)
+    model_dir = gpu_model_folder("packing_bench", args.shape)
+    if model_dir is None:
         return 2
-    if not torch.cuda.is_available():
-        print("error: packing_bench needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU "
-              "machine", file=sys.stderr)
-        return 2
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        print(f"error: packing_bench needs bitsandbytes ({e})", file=sys.stderr)
-        return 2
-    model_dir = write_config_folder(config_json, Path(tempfile.mkdtemp(prefix="qlora-packing-bench-")) / "model")
+    import torch
+
     result: dict[str, Any] = {
         "shape": args.shape, "batch": args.batch, "lengths": f"uniform {args.min_len}..{args.max_len}",
         "dense_length": args.max_len, "warmup": args.warmup, "steps": args.steps, "r": args.r,
         "gradient_checkpointing": not args.no_checkpointing, "gpu": torch.cuda.get_device_name(0),
-        "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate",
-                                                            "bitsandbytes")},
+        "versions": versions(),
     }
     result.update(measure(args, model_dir, "cuda"))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_result(result, args.out)
     return 0
 
 

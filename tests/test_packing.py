@@ -184,7 +184,9 @@ def test_packing_bench_pipeline_runs_on_the_cpu(tmp_path):
     bench = _load_packing_bench()
     shape = dict(bench.SHAPES["smollm2-135m"], num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
-    folder = bench.write_config_folder(shape, tmp_path / "model")
+    from plan_check import write_config_folder  # importable once packing_bench is loaded
+
+    folder = write_config_folder(shape, tmp_path / "model")
     args = bench.parse_args(["--shape", str(folder), "--min-len", "4", "--max-len", "24", "--steps", "2",
                              "--warmup", "1", "--r", "8"])
     result = bench.measure(args, folder, "cpu")
