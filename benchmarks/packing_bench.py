@@ -94,10 +94,16 @@ def packing_check(model, accelerator, batch, device: str) -> dict[str, float]:
     import torch
 
     from qlora_core.data import collate, collate_packed
-    from qlora_core.trainer import _token_loss_sum, packed_attention_errors
+    from qlora_core.errors import UsageError
+    from qlora_core.trainer import _token_loss_sum, check_packed_attention, packed_attention_errors
 
     with accelerator.autocast():
         packed_err, crossed_err = packed_attention_errors(model)
+        try:
+            check_packed_attention(model)  # what a qlora run with train.packing does before training
+            verdict: bool | str = True
+        except UsageError as e:
+            verdict = str(e)
         model.eval()
         with torch.no_grad():
             losses = []
@@ -106,7 +112,7 @@ def packing_check(model, accelerator, batch, device: str) -> dict[str, float]:
                 losses.append(float(loss) / n)
         model.train()
     return {"probe_packed_vs_alone": packed_err, "probe_crossed_vs_alone": crossed_err,
-            "probe_ok": packed_err <= 0.1 * crossed_err, "loss_padded": losses[0], "loss_packed": losses[1],
+            "probe_ok": verdict, "loss_padded": losses[0], "loss_packed": losses[1],
             "loss_rel_diff": abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12)}
 
 

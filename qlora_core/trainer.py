@@ -238,10 +238,10 @@ def packed_attention_errors(model) -> tuple[float, float]:
     """How far a packed example's logits are from the same example's logits alone.
 
     A probe example (4 random tokens) is run alone, packed after a 16-token example (``collate_packed``), and
-    packed the same way but with an all-ones attention mask, which makes transformers attend across the
-    examples. :returns: the relative distances of the packed logits and of the crossed logits from the lone
-    ones; the first is rounding noise when attention stays within each example, the second is what crossing
-    would change.
+    as the continuation of that example (one sequence, positions not restarting: the probe sees the other
+    example's tokens, whatever the attention implementation). :returns: the relative distances of the packed
+    logits and of the crossed logits from the lone ones; the first is rounding noise when attention stays
+    within each example, the second is what crossing changes.
     """
     import torch
 
@@ -252,7 +252,7 @@ def packed_attention_errors(model) -> tuple[float, float]:
     device = input_device(model)
     alone = collate_packed([TokenizedExample(probe, probe)])
     packed = collate_packed([TokenizedExample(first, first), TokenizedExample(probe, probe)])
-    crossed = dict(packed, attention_mask=torch.ones_like(packed["input_ids"]))
+    crossed = collate_packed([TokenizedExample(first + probe, first + probe)])
     was_training = model.training
     model.eval()  # no dropout
     try:
@@ -277,9 +277,12 @@ def check_packed_attention(model) -> None:
     an attention implementation that ignores both) would silently train on crossed attention.
     """
     packed, crossed = packed_attention_errors(model)
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+    if not crossed >= 1e-3:  # also NaN
+        raise UsageError(f"train.packing: could not check that {name} with {attn} attention keeps packed examples "
+                         f"apart (its logits hardly depend on the context: {crossed:.3g}); set train.packing=false")
     if not packed <= 0.1 * crossed:
-        name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-        attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
         raise UsageError(f"train.packing: {name} with {attn} attention lets packed examples attend to each other "
                          f"(probe: {packed:.3g} from the example alone, crossing would give {crossed:.3g}); "
                          f"set train.packing=false")

@@ -119,6 +119,36 @@ def test_a_model_whose_attention_crosses_packed_examples_is_refused(lora_model, 
         check_packed_attention(lora_model)
 
 
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                      **kwargs):
+    """Attention as flash attention's varlen path does it: the examples' bounds from position_ids, no mask."""
+    import torch.nn.functional as F
+
+    bounds = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                    is_causal=True, scale=scaling)
+                     for a, b in zip(bounds, bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_an_attention_that_takes_the_bounds_from_positions_only_passes_the_packing_check():
+    # No CPU flash attention here; this stand-in ignores the attention mask as flash attention's varlen path
+    # does, so the check must not rely on a mask to show what crossing would change.
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("qlora_test_varlen", _varlen_attention)
+    model = tiny_llama("qlora_test_varlen")
+    examples = ragged_examples(200)
+    with torch.no_grad():
+        packed = model(**_model_inputs(collate_packed(examples))).logits[0]
+        alone = model(input_ids=torch.tensor([examples[1].input_ids])).logits[0]
+    start = len(examples[0].input_ids)
+    torch.testing.assert_close(packed[start:start + len(examples[1].input_ids)], alone, atol=1e-5, rtol=1e-5)
+    check_packed_attention(model)
+
+
 def test_padding_waste_of_a_ragged_list():
     examples = [TokenizedExample([1] * n, [1] * n) for n in (2, 8, 4, 4, 6)]
     # Micro-batches of 2: [2, 8] -> 2 x 8, [4, 4] -> 2 x 4, [6] -> 1 x 6: 30 tokens computed, 24 real.
@@ -191,7 +221,7 @@ def test_packing_bench_pipeline_runs_on_the_cpu(tmp_path):
                              "--warmup", "1", "--r", "8"])
     result = bench.measure(args, folder, "cpu")
     check = result["packing_check"]
-    assert check["probe_ok"] and check["loss_rel_diff"] < 1e-5
+    assert check["probe_ok"] is True and check["loss_rel_diff"] < 1e-5
     modes = result["modes"]
     assert modes["dense"]["padding_tokens"] == 0 and modes["packed"]["padding_tokens"] == 0
     assert modes["padded"]["real_tokens"] == modes["packed"]["real_tokens"] < modes["padded"]["computed_tokens"]
