@@ -234,31 +234,52 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config_json = shape_config(args.shape)
+def gpu_model_folder(script: str, shape: str) -> Path | None:
+    """A new temporary model folder with ``shape``'s config, when this machine can measure; else ``None``, after
+    printing why (no torch, no CUDA GPU, no bitsandbytes) as one ``error:`` line."""
+    config_json = shape_config(shape)
+    problem = None
     try:
         import torch
-    except ImportError:
-        print("error: plan_check needs torch", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("error: plan_check needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU machine",
-              file=sys.stderr)
-        return 2
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        print(f"error: plan_check needs bitsandbytes ({e})", file=sys.stderr)
-        return 2
 
-    model_dir = write_config_folder(config_json, Path(tempfile.mkdtemp(prefix="qlora-plan-check-")) / "model")
+        if not torch.cuda.is_available():
+            problem = "needs a CUDA GPU (torch.cuda.is_available() is False); run it on the GPU machine"
+        else:
+            import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        problem = f"needs {e.name or e}"
+    if problem:
+        print(f"error: {script} {problem}", file=sys.stderr)
+        return None
+    return write_config_folder(config_json, Path(tempfile.mkdtemp(prefix=f"qlora-{script}-")) / "model")
+
+
+def versions() -> dict[str, str]:
+    """The versions of the libraries the measurement depends on."""
+    return {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate", "bitsandbytes")}
+
+
+def print_result(result: dict[str, Any], out: Path | None) -> None:
+    """Print the figures as one JSON object, and write them to ``out`` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_dir = gpu_model_folder("plan_check", args.shape)
+    if model_dir is None:
+        return 2
+    import torch
+
     result: dict[str, Any] = {
         "shape": args.shape, "seq": args.seq, "batch": args.batch, "steps": args.steps, "r": args.r,
         "lora_dropout": args.lora_dropout, "gradient_checkpointing": not args.no_checkpointing,
         "double_quant": not args.no_double_quant, "loss": args.loss, "gpu": torch.cuda.get_device_name(0),
-        "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate",
-                                                            "bitsandbytes")},
+        "versions": versions(),
     }
     try:
         result.update(measure(args, model_dir, "cuda"))
@@ -275,11 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the measurement is still worth printing
         result["estimate_error"] = f"{type(e).__name__}: {e}"
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_result(result, args.out)
     return 0
 
 

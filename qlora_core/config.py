@@ -192,6 +192,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            exclusive_minimum=0),
     Option("train.save_total_limit", "int", -1, "keep only this many newest checkpoints (-1: all)",
            check=_positive_or_minus_one),
+    Option("train.packing", "bool", False,
+           "padding-free batches: each micro-batch's examples in one row, attention kept within each example"),
     Option("train.auto_find_batch_size", "bool", False,
            "on running out of GPU memory, halve the micro-batch and double gradient accumulation, and go on"),
     Option("train.seed", "int", 42, "random seed for data order, adapters and dropout"),

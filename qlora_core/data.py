@@ -132,6 +132,49 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> "dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(batch: Sequence[TokenizedExample]) -> "dict[str, torch.Tensor]":
+    """Concatenate a micro-batch into one row with no padding (padding-free packing).
+
+    ``position_ids`` restart at 0 for every example: the attention implementations read the example
+    boundaries from them (see :func:`qlora_core.trainer.check_packed_attention`). The first label of every
+    example is masked, so no example's first token is predicted from the previous example's last one; the
+    padded path never predicts it either (a row's first label has no prediction), so both paths compute the
+    same loss over the same answer tokens. There is no ``attention_mask``: with one, transformers would not
+    look for packed sequences and would let the examples attend to each other.
+    """
+    import torch
+
+    ids = torch.tensor([t for x in batch for t in x.input_ids], dtype=torch.long)
+    labels = torch.tensor([t for x in batch for t in x.labels], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(x.input_ids), dtype=torch.long) for x in batch])
+    labels[positions == 0] = IGNORE_INDEX
+    return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+
+
+def real_tokens(batch: "dict[str, torch.Tensor]") -> int:
+    """Tokens of a collated micro-batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def padding_waste(examples: Sequence[TokenizedExample], micro_batch_size: int) -> dict[str, Any]:
+    """What padding costs on ``examples`` taken ``micro_batch_size`` at a time, in order.
+
+    :returns: ``real_tokens``; ``padded_tokens``, the tokens the padded path computes (each micro-batch is as
+        wide as its longest example); ``padding_tokens`` and ``padding_waste``, their difference and its share
+        of ``padded_tokens``; with packing, the tokens computed are the real ones and the waste is 0.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 (got {micro_batch_size})")
+    lengths = [len(x.input_ids) for x in examples]
+    real = sum(lengths)
+    padded = sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
+                 for i in range(0, len(lengths), micro_batch_size))
+    return {"micro_batch_size": micro_batch_size, "examples": len(lengths), "real_tokens": real,
+            "padded_tokens": padded, "padding_tokens": padded - real,
+            "padding_waste": (padded - real) / padded if padded else 0.0}
+
+
 def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config",
                   what: str) -> tuple[list[FormattedExample], list[TokenizedExample]]:
     """Format and tokenize every row; rows that end up with no answer tokens are dropped.

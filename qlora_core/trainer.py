@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from . import __version__
 from .config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides, parse_overrides,
                      read_config_file, requested_plugins)
-from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, load_rows, tokenize_rows)
+from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
+                   padding_waste, real_tokens, tokenize_rows)
 from .errors import UsageError
 from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from .types import DatasetFormat, FormattedExample, Run
@@ -200,6 +201,18 @@ def _plain_head_model(model) -> Any:
     return inner
 
 
+def _model_inputs(batch) -> dict[str, Any]:
+    """The model's keyword arguments for a micro-batch made by ``collate`` (padded) or ``collate_packed``.
+
+    No cache: training never reuses one, and with one transformers does not look for packed sequences in
+    ``position_ids`` (it would let packed examples attend to each other).
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    return inputs
+
+
 def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, int]":
     """Sum of the next-token cross-entropy over the batch's answer tokens, and their number.
 
@@ -215,8 +228,7 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
     keep = labels != IGNORE_INDEX
     causal = _plain_head_model(model)
     if causal is not None:
-        hidden = causal.get_decoder()(input_ids=batch["input_ids"],
-                                      attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = causal.get_decoder()(**_model_inputs(batch)).last_hidden_state
         head = causal.get_output_embeddings()
         selected = hidden[:, :-1][keep]
         if fused and type(head) is torch.nn.Linear and head.bias is None:
@@ -226,7 +238,7 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
         else:
             loss = F.cross_entropy(head(selected).float(), labels[keep], reduction="sum")
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**_model_inputs(batch)).logits
         loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
 
@@ -237,6 +249,60 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
+
+
+def packed_attention_errors(model) -> tuple[float, float]:
+    """How far a packed example's logits are from the same example's logits alone.
+
+    A probe example (4 random tokens) is run alone, packed after a 16-token example (``collate_packed``), and
+    as the continuation of that example (one sequence, positions not restarting: the probe sees the other
+    example's tokens, whatever the attention implementation). :returns: the relative distances of the packed
+    logits and of the crossed logits from the lone ones; the first is rounding noise when attention stays
+    within each example, the second is what crossing changes.
+    """
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab = inner.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    first, probe = (torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (16, 4))
+    device = input_device(model)
+    alone = collate_packed([TokenizedExample(probe, probe)])
+    packed = collate_packed([TokenizedExample(first, first), TokenizedExample(probe, probe)])
+    crossed = collate_packed([TokenizedExample(first + probe, first + probe)])
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            out = [model(**_model_inputs({k: v.to(device) for k, v in b.items()})).logits[0, -len(probe):].float()
+                   for b in (alone, packed, crossed)]
+    except TypeError as e:
+        raise UsageError(f"train.packing: the model does not take packed inputs (position_ids): {e}") from None
+    finally:
+        if was_training:
+            model.train()
+    scale = out[0].norm().clamp_min(1e-12)
+    return float((out[1] - out[0]).norm() / scale), float((out[2] - out[0]).norm() / scale)
+
+
+def check_packed_attention(model) -> None:
+    """Refuse ``train.packing`` for a model whose attention would cross the packed examples.
+
+    transformers keeps attention within each packed example from the restarting ``position_ids``: sdpa, eager
+    and flex attention through a block-diagonal causal mask built by its masking utilities, flash attention
+    through its variable-length kernel (cu_seqlens from the positions). A model built otherwise (remote code,
+    an attention implementation that ignores both) would silently train on crossed attention.
+    """
+    packed, crossed = packed_attention_errors(model)
+    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+    if not crossed >= 1e-3:  # also NaN
+        raise UsageError(f"train.packing: could not check that {name} with {attn} attention keeps packed examples "
+                         f"apart (its logits hardly depend on the context: {crossed:.3g}); set train.packing=false")
+    if not packed <= 0.1 * crossed:
+        raise UsageError(f"train.packing: {name} with {attn} attention lets packed examples attend to each other "
+                         f"(probe: {packed:.3g} from the example alone, crossing would give {crossed:.3g}); "
+                         f"set train.packing=false")
 
 
 class Job:
@@ -275,6 +341,7 @@ class Job:
         self.num_parameters = 0  # of the base model, once loaded
         self.sample: FormattedExample | None = None
         self._order_cache: dict[str, Any] = {}
+        self._packing_checked = False
 
     @property
     def hook(self) -> Any:
@@ -503,6 +570,17 @@ class Job:
 
             for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
+        if cfg["train.packing"]:
+            with accelerator.autocast():
+                self._check_packing(model)
+        if state.step == 0:
+            # This process's micro-batches of the first epoch, in the order they will be trained on.
+            mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
+                                       accelerator.num_processes)
+            waste = padding_waste(mine, state.micro_batch_size)
+            state.summary["padding_waste"] = waste
+            if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
+                self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
         record = RunRecord(out, accelerator.is_main_process)
         if state.step:
             record.resume(cfg, self.plugins, state.step)
@@ -515,6 +593,26 @@ class Job:
             raise
         record.finish("completed")
         return result
+
+    def _check_packing(self, model) -> None:
+        if not self._packing_checked:
+            check_packed_attention(model)
+            self._packing_checked = True
+
+    def _padding_message(self, waste: dict[str, Any]) -> str:
+        mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
+        counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
+        if self.config["train.packing"]:
+            return (f"packing: each micro-batch of {mb} examples is one row without padding; padded micro-batches "
+                    f"would be {share} padding ({counts})")
+        return (f"padding: {share} of the tokens in micro-batches of {mb} are padding ({counts}); "
+                f"train.packing=true would compute only the {waste['real_tokens']:,} real ones")
+
+    def _collate(self, examples: Sequence[TokenizedExample]) -> "dict[str, torch.Tensor]":
+        """One micro-batch: packed into one row with ``train.packing``, else right-padded."""
+        if self.config["train.packing"]:
+            return collate_packed(examples)
+        return collate(examples, self.tokenizer.pad_token_id)
 
     def _examples_per_step(self, world: int) -> int:
         """Examples in one optimizer step across all processes: the effective batch."""
@@ -553,9 +651,10 @@ class Job:
         tokens = 0
         ctx = accelerator.autocast() if accelerator is not None else nullcontext()
         with torch.no_grad(), ctx:
+            if self.config["train.packing"]:
+                self._check_packing(model)
             for i in range(0, len(self.eval_examples), bs):
-                batch = {k: v.to(device) for k, v in collate(self.eval_examples[i:i + bs],
-                                                               self.tokenizer.pad_token_id).items()}
+                batch = {k: v.to(device) for k, v in self._collate(self.eval_examples[i:i + bs]).items()}
                 loss, n = _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
                 total += loss.double()
                 tokens += n
@@ -593,15 +692,14 @@ class Job:
 
         cfg = self.config
         device = input_device(model, accelerator.device)
-        pad_id = self.tokenizer.pad_token_id
         world = accelerator.num_processes
         while True:
             size = state.micro_batch_size
-            batches = [{k: v.to(device) for k, v in collate(examples[i:i + size], pad_id).items()}
+            batches = [{k: v.to(device) for k, v in self._collate(examples[i:i + size]).items()}
                        for i in range(0, len(examples), size)]
             targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
                                    device=device)
-            tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=device)
+            tokens = torch.tensor(sum(real_tokens(b) for b in batches), device=device)
             if world > 1:
                 targets = accelerator.reduce(targets, reduction="sum")
                 tokens = accelerator.reduce(tokens, reduction="sum")

@@ -1,0 +1,229 @@
+"""Padding-free packing (``train.packing``): one row per micro-batch, attention and loss kept within each example."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from qlora_core import cli
+from qlora_core import trainer as trainer_module
+from qlora_core.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, padding_waste
+from qlora_core.errors import UsageError
+from qlora_core.trainer import Job, _model_inputs, _token_loss_sum, check_packed_attention
+
+from conftest import write_jsonl
+
+
+def ragged_examples(vocab: int, lengths=(5, 17, 9, 30), seed: int = 0) -> list[TokenizedExample]:
+    """Examples of the given lengths whose second half is the answer (labels), the rest prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        out.append(TokenizedExample(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+def tiny_llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # use_cache stays at its default (True): the trainer must not let a cache turn off packed-sequence detection.
+    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         attn_implementation=attn)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_forward_gives_each_example_the_logits_it_has_alone(attn):
+    model = tiny_llama(attn)
+    examples = ragged_examples(200)
+    with torch.no_grad():
+        packed = model(**_model_inputs(collate_packed(examples))).logits[0]
+        start = 0
+        for x in examples:
+            alone = model(input_ids=torch.tensor([x.input_ids])).logits[0]
+            n = len(x.input_ids)
+            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+
+
+def test_packed_batch_is_one_row_with_positions_restarting_and_no_padding():
+    examples = ragged_examples(200, lengths=(3, 5, 2))
+    batch = collate_packed(examples)
+    assert batch["input_ids"].shape == (1, 10)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch["input_ids"][0].tolist() == [t for x in examples for t in x.input_ids]
+    assert "attention_mask" not in batch  # with one, transformers would not read the boundaries from positions
+
+
+def test_no_example_is_predicted_from_the_previous_examples_last_token():
+    # Labels on every token (train_on_prompt): each example's first token is a label, and would be a target
+    # predicted from the previous example's last token if the boundary were not masked.
+    examples = [TokenizedExample(ids, list(ids)) for ids in ([5, 6, 7], [8, 9], [10, 11, 12, 13])]
+    labels = collate_packed(examples)["labels"][0].tolist()
+    assert labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, 11, 12, 13]
+    padded = collate(examples, pad_token_id=0)
+    assert int((padded["labels"][:, 1:] != IGNORE_INDEX).sum()) == sum(x.num_target_tokens for x in examples) == 6
+
+
+@pytest.fixture
+def lora_model(tiny_config, tmp_path):
+    """The tiny Llama in 4 bits with LoRA, its B matrices made non-zero so every adapter gets a gradient."""
+    model = Job(tiny_config, output_dir=tmp_path / "run").load_model()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss, n = _token_loss_sum(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), n, grads
+
+
+@pytest.mark.parametrize("head", ["answer-positions", "full-logits"])
+def test_a_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_model, head, monkeypatch):
+    if head == "full-logits":  # the path of architectures whose head cannot run on chosen positions only
+        monkeypatch.setattr(trainer_module, "_PLAIN_HEAD_MODELS", frozenset())
+    model = lora_model
+    model.train()
+    examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
+    pad_loss, pad_n, pad_grads = loss_and_grads(model, collate(examples, pad_token_id=0))
+    pack_loss, pack_n, pack_grads = loss_and_grads(model, collate_packed(examples))
+    assert pack_n == pad_n == sum(x.num_target_tokens for x in examples)
+    assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
+    assert len(pack_grads) == len(pad_grads) > 0
+    for name, grad in pad_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_model_whose_attention_crosses_packed_examples_is_refused(lora_model, monkeypatch):
+    check_packed_attention(lora_model)  # transformers keeps attention within each example
+    import transformers.masking_utils as masking
+
+    # As if transformers did not read the boundaries from position_ids (older versions, or with a cache).
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(UsageError, match="train.packing: .* lets packed examples attend to each other"):
+        check_packed_attention(lora_model)
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                      **kwargs):
+    """Attention as flash attention's varlen path does it: the examples' bounds from position_ids, no mask."""
+    import torch.nn.functional as F
+
+    bounds = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                    is_causal=True, scale=scaling)
+                     for a, b in zip(bounds, bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_an_attention_that_takes_the_bounds_from_positions_only_passes_the_packing_check():
+    # No CPU flash attention here; this stand-in ignores the attention mask as flash attention's varlen path
+    # does, so the check must not rely on a mask to show what crossing would change.
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("qlora_test_varlen", _varlen_attention)
+    model = tiny_llama("qlora_test_varlen")
+    examples = ragged_examples(200)
+    with torch.no_grad():
+        packed = model(**_model_inputs(collate_packed(examples))).logits[0]
+        alone = model(input_ids=torch.tensor([examples[1].input_ids])).logits[0]
+    start = len(examples[0].input_ids)
+    torch.testing.assert_close(packed[start:start + len(examples[1].input_ids)], alone, atol=1e-5, rtol=1e-5)
+    check_packed_attention(model)
+
+
+def test_padding_waste_of_a_ragged_list():
+    examples = [TokenizedExample([1] * n, [1] * n) for n in (2, 8, 4, 4, 6)]
+    # Micro-batches of 2: [2, 8] -> 2 x 8, [4, 4] -> 2 x 4, [6] -> 1 x 6: 30 tokens computed, 24 real.
+    assert padding_waste(examples, 2) == {"micro_batch_size": 2, "examples": 5, "real_tokens": 24,
+                                          "padded_tokens": 30, "padding_tokens": 6, "padding_waste": 0.2}
+    assert padding_waste(examples, 1)["padding_waste"] == 0.0
+
+
+def test_qlora_run_with_packing_trains_counts_real_tokens_and_writes_an_adapter(tiny_config, tmp_path, capsys):
+    cfg = copy.deepcopy(tiny_config)
+    # Ragged answers: from a few words to a long list, so micro-batches would need padding.
+    rows = [{"text": f"### Human: List {i} items.### Assistant: " + ", ".join(f"item {j}" for j in range(1 + 3 * i))}
+            for i in range(8)]
+    cfg["data"]["path"] = str(write_jsonl(tmp_path / "ragged.jsonl", rows))
+    cfg["train"].update(max_steps=2, per_device_train_batch_size=4)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    code = cli.main(["run", str(config), "--output", str(out), "--set", "train.packing=true"])
+    assert code == 0, capsys.readouterr()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed"
+    waste = record["summary"]["padding_waste"]
+    assert waste["real_tokens"] < waste["padded_tokens"] and waste["padding_waste"] > 0.2
+    # Each step's tokens are the real tokens of its examples, as the padded path counts them.
+    job = Job(config, overrides=["train.packing=true"])
+    job.load_data()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    for i, row in enumerate(steps):
+        examples = job._step_examples(4 * i, 4, 0, 1)
+        assert row["tokens"] == sum(len(x.input_ids) for x in examples)
+        assert row["tokens_per_second"] > 0
+
+
+# --------------------------------------------------------------------------- benchmarks/packing_bench.py
+
+
+def _load_packing_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "packing_bench.py"
+    spec = importlib.util.spec_from_file_location("packing_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["packing_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packing_bench_without_cuda_stops_with_one_line(capsys, monkeypatch):
+    bench = _load_packing_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--shape", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA" in err[0] and err[0].startswith("error:")
+
+
+def test_packing_bench_pipeline_runs_on_the_cpu(tmp_path):
+    """The GPU script's modes on a tiny shape on the CPU: what can break there breaks here first."""
+    bench = _load_packing_bench()
+    shape = dict(bench.SHAPES["smollm2-135m"], num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    from plan_check import write_config_folder  # importable once packing_bench is loaded
+
+    folder = write_config_folder(shape, tmp_path / "model")
+    args = bench.parse_args(["--shape", str(folder), "--min-len", "4", "--max-len", "24", "--steps", "2",
+                             "--warmup", "1", "--r", "8"])
+    result = bench.measure(args, folder, "cpu")
+    check = result["packing_check"]
+    assert check["probe_ok"] is True and check["loss_rel_diff"] < 1e-5
+    modes = result["modes"]
+    assert modes["dense"]["padding_tokens"] == 0 and modes["packed"]["padding_tokens"] == 0
+    assert modes["padded"]["real_tokens"] == modes["packed"]["real_tokens"] < modes["padded"]["computed_tokens"]
+    assert modes["packed"]["padding_waste_pct_if_padded"] == modes["padded"]["padding_waste_pct"] > 0
+    assert result["packed_over_dense"] > 0
