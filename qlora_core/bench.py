@@ -12,7 +12,9 @@ with random weights straight into 4 bits (:mod:`qlora_core.shapes`; no checkpoin
   ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
 
 Every variant trains on the same token sequences in the same order, with the same LoRA initialisation and a
-constant learning rate, so their loss curves are comparable step by step. Printed for each: median step time,
+constant learning rate, so their loss curves are comparable step by step. ``--min-len N`` makes the
+lengths ragged (uniform in N .. ``--seq``, as real data): the seed pads, qlora pads or packs
+(``train.packing``); tokens/s then counts real tokens, and the padding waste is reported. Printed for each: median step time,
 tokens/s, peak allocated and reserved GPU memory, weight memory after loading, final loss, and the ratios to
 ``seed``; ``--json`` prints it all as JSON.
 
@@ -52,6 +54,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},
     "qlora-checkpointing": {"help": "no gradient checkpointing at all", "plugins": ["no:gradient-checkpointing"]},
+    "qlora+packing": {"help": "padding-free packing of each micro-batch (train.packing)",
+                      "set": ["train.packing=true"]},
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
@@ -82,9 +86,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- data
 
 
-def make_sequences(n: int, seq: int, vocab: int, seed: int) -> list[list[int]]:
+def make_sequences(n: int, seq: int, vocab: int, seed: int, min_len: int | None = None) -> list[list[int]]:
     """``n`` token sequences a model can learn from quickly: each repeats a random motif of 16 tokens drawn
-    from the first 1,024 ids, so the loss falls from ln(vocab) as the step-by-step curves are compared."""
+    from the first 1,024 ids, so the loss falls from ln(vocab) as the step-by-step curves are compared.
+    With ``min_len`` the lengths are ragged, uniform in ``min_len .. seq`` (real data), else all ``seq``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -92,8 +97,23 @@ def make_sequences(n: int, seq: int, vocab: int, seed: int) -> list[list[int]]:
     out = []
     for _ in range(n):
         motif = torch.randint(0, pool, (16,), generator=gen)
-        out.append(motif.repeat(seq // 16 + 1)[:seq].tolist())
+        length = seq if min_len is None else int(torch.randint(min_len, seq + 1, (1,), generator=gen))
+        out.append(motif.repeat(length // 16 + 1)[:length].tolist())
     return out
+
+
+def _padded(rows: list[list[int]], device: str):
+    """Right-padded ids, attention mask and labels (-100 on padding) of a seed-recipe batch."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 # --------------------------------------------------------------------------- one variant (worker process)
@@ -148,18 +168,18 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
         params, lr=args["learning_rate"], weight_decay=0.0)
     vocab = model.get_output_embeddings().weight.shape[0]
     total = args["warmup"] + args["steps"]
-    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"])
+    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
     order = epoch_order(len(data), args["seed"], 0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
     steps = []
     for step in range(total):
-        ids = torch.tensor([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device=device)
+        ids, mask, labels = _padded([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device)
         _sync()
         t = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
         optimizer.step()
@@ -167,7 +187,7 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
         loss = float(out.loss)
         del out
         _sync()
-        steps.append({"loss": loss, "seconds": time.perf_counter() - t, "tokens": int(ids.numel())})
+        steps.append({"loss": loss, "seconds": time.perf_counter() - t, "tokens": int(mask.sum())})
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
 
 
@@ -206,8 +226,8 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     job.load_model(base=model)
     vocab = model.get_output_embeddings().weight.shape[0]
     total = args["warmup"] + args["steps"]
-    job.train_examples = [TokenizedExample(ids, list(ids))
-                          for ids in make_sequences(total * args["batch"], args["seq"], vocab, args["seed"])]
+    job.train_examples = [TokenizedExample(ids, list(ids)) for ids in
+                          make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = job.run()
@@ -218,7 +238,9 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
 
     policy = layer_policy(job.model)
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
-            "layers": policy.describe() if policy else None, **_memory()}
+            "layers": policy.describe() if policy else None,
+            "padding_waste": result.summary.get("padding_waste", {}).get("padding_waste")
+            if not job.config["train.packing"] else 0.0, **_memory()}
 
 
 def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Path) -> dict[str, Any]:
@@ -233,9 +255,13 @@ def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Pat
         result = run_qlora(args, model_dir, device, spec.get("set", []), spec.get("plugins", []))
     measured = result["steps"][args["warmup"]:] or result["steps"]
     seconds = statistics.median(s["seconds"] for s in measured)
-    tokens = measured[0]["tokens"]
+    # Real (not padding) tokens per second over the measured steps; with equal lengths, the median step's.
+    if args.get("min_len") is None:
+        tps = measured[0]["tokens"] / seconds
+    else:
+        tps = sum(s["tokens"] for s in measured) / sum(s["seconds"] for s in measured)
     result.update(variant=name, help=spec.get("help", ""), median_step_seconds=seconds,
-                  tokens_per_second=tokens / seconds, losses=[s["loss"] for s in result["steps"]],
+                  tokens_per_second=tps, losses=[s["loss"] for s in result["steps"]],
                   final_loss=result["steps"][-1]["loss"])
     del result["steps"]
     return result
@@ -300,10 +326,11 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     a = report["settings"]
-    table = Table(title=f"qlora bench: {a['shape']}, seq {a['seq']}, batch {a['batch']}, r {a['r']}, "
+    lengths = f"lengths {a['min_len']}..{a['seq']}" if a.get("min_len") else f"seq {a['seq']}"
+    table = Table(title=f"qlora bench: {a['shape']}, {lengths}, batch {a['batch']}, r {a['r']}, "
                         f"lora_dropout {a['lora_dropout']:g}, {a['steps']} steps after {a['warmup']} warmup "
                         f"({report['device']})")
-    for col in ("variant", "step s", "tokens/s", "x seed", "peak alloc GiB", "peak reserved GiB",
+    for col in ("variant", "step s", "tokens/s", "x seed", "padding", "peak alloc GiB", "peak reserved GiB",
                 "weights GiB", "mem / seed", "final loss", "max |loss - seed|"):
         table.add_column(col, justify="left" if col == "variant" else "right")
 
@@ -312,10 +339,11 @@ def render(report: dict[str, Any]) -> None:
 
     for r in report["results"]:
         if "error" in r:
-            table.add_row(r["variant"], r["error"], *[""] * 8)
+            table.add_row(r["variant"], r["error"], *[""] * 9)
             continue
         table.add_row(r["variant"], f(r["median_step_seconds"], ".3f"), f(r["tokens_per_second"], ",.0f"),
-                      f(r.get("speedup_vs_seed"), ".2f"), f(r.get("peak_allocated_gib"), ".2f"),
+                      f(r.get("speedup_vs_seed"), ".2f"), f(r.get("padding_waste"), ".1%"),
+                      f(r.get("peak_allocated_gib"), ".2f"),
                       f(r.get("peak_reserved_gib"), ".2f"), f(r.get("weights_gib"), ".2f"),
                       f(r.get("memory_vs_seed"), ".2f"), f(r["final_loss"], ".4f"),
                       f(r.get("loss_max_abs_diff_vs_seed"), ".4f"))
@@ -330,7 +358,8 @@ def render(report: dict[str, Any]) -> None:
 
 def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int = 10, warmup: int = 2, r: int = 16,
           lora_dropout: float = 0.0, variants: Sequence[str] = ("seed", "qlora"), learning_rate: float = 2e-4,
-          max_grad_norm: float = 0.3, seed: int = 42, timeout: float | None = None) -> dict[str, Any]:
+          max_grad_norm: float = 0.3, seed: int = 42, timeout: float | None = None,
+          min_len: int | None = None) -> dict[str, Any]:
     """Measure ``variants`` on one shape; the report that ``qlora bench --json`` prints."""
     import torch
 
@@ -342,12 +371,14 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
             raise UsageError(f"{label} must be at least 1 (got {value})")
     if warmup < 0:
         raise UsageError(f"--warmup must be 0 or more (got {warmup})")
+    if min_len is not None and not 1 <= min_len <= seq:
+        raise UsageError(f"--min-len must be between 1 and --seq {seq} (got {min_len})")
     if not 0 <= lora_dropout < 1:
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {lora_dropout})")
     parsed = [parse_variant(v) for v in variants]
     args = {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "r": r,
             "lora_dropout": lora_dropout, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm,
-            "seed": seed}
+            "seed": seed, "min_len": min_len}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-model-") as tmp:
         model_dir = write_config_folder(config, Path(tmp) / "model")
         results = [run_variant_process(name, spec, args, model_dir, timeout) for name, spec in parsed]

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
+    parser.add_argument("--min-len", type=int, metavar="N",
+                        help="ragged lengths, uniform in N .. --seq (default: every sequence --seq long)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the measured ones (default 2)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank, all linear layers, alpha 2r (default 16)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
@@ -41,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
     report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
                    lora_dropout=args.lora_dropout, variants=variants or ("seed", "qlora"),
-                   timeout=args.variant_timeout)
+                   timeout=args.variant_timeout, min_len=args.min_len)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
