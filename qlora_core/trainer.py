@@ -723,7 +723,10 @@ class Job:
         summary["train_seconds"] = train_seconds
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
-            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+            if world > 1:  # the busiest GPU's
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            summary["peak_gpu_memory_gib"] = float(peak) / 2**30
         if self.eval_examples:
             ev = {"step": run.max_steps, **self.evaluate(model, accelerator)}
             summary["eval_loss_after"] = ev["eval_loss"]
