@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from qlora_core import hookimpl
+from qlora_core.checkpoint import save_adapter
 
 
 @hookimpl
@@ -20,7 +21,7 @@ def qlora_export(run, model, tokenizer, output_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if run.accelerator is not None:
         model = run.accelerator.unwrap_model(model)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_adapter(model, tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from qlora_core import hookimpl
+from qlora_core.checkpoint import save_adapter
 
 
 @hookimpl
@@ -41,7 +42,7 @@ def qlora_export(run, model, tokenizer, output_dir: Path) -> Path:
     if run.accelerator is not None:
         model = run.accelerator.unwrap_model(model)
     try:
-        model.save_pretrained(adapter_tmp, safe_serialization=True)
+        save_adapter(model, adapter_tmp)
         # The run's job, rebuilt from the config.yaml it wrote when it started (same plugins, same base).
         job = Job.from_run(output_dir)
         job.tokenizer = tokenizer

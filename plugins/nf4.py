@@ -45,9 +45,24 @@ def qlora_prepare_model(model, config) -> None:
     # stop gradients at every 4-bit layer. Training needs the differentiable layout.
     use_float32_kernels(model)
 
-    if config["quant.fp32_upcast"]:
+    if kbit_upcast(config):
         # Gradient checkpointing is its own plugin (on by default), so it is not switched on here.
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        prepare_kbit_lean(model)
+
+
+def kbit_upcast(config) -> bool:
+    """Whether the k-bit preparation upcasts the unquantized parameters (norms, embeddings, head) to float32,
+    as PEFT's ``prepare_model_for_kbit_training`` does. FSDP cannot flatten a layer whose parameters mix
+    bfloat16 and float32 ("Must flatten tensors with uniform dtype"), so the fsdp plugin turns it off. The one
+    place this decision is read."""
+    return bool(config["quant.fp32_upcast"])
+
+
+def prepare_kbit_lean(model) -> None:
+    """PEFT's k-bit preparation without its float32 upcast: freeze the base model and let the (frozen)
+    embeddings' output carry gradients to the adapters; every parameter keeps its dtype."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.enable_input_require_grads()

@@ -59,6 +59,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_WRAPPER_PREFIX = "_fsdp_wrapped_module."
+
+
+def save_adapter(model: Any, folder: Path) -> None:
+    """Write a PEFT model's adapter in PEFT's format (``PeftModel.from_pretrained`` loads it).
+
+    Under FSDP (plugins/fsdp.py) the adapters are not sharded: every process holds them whole, so they are read
+    from the parameters themselves. ``save_pretrained`` would call ``model.state_dict()``, a collective call under
+    FSDP that every process must make and that gathers the sharded base model too; and PEFT's key selection does
+    not expect the wrapper's module names.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if not any(_WRAPPER_PREFIX in name for name in names):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name.replace(_WRAPPER_PREFIX, ""): t.contiguous().cpu()
+               for name, t in get_peft_model_state_dict(model, state_dict=trainable).items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = model.peft_config["default"]
+    inference_mode = config.inference_mode
+    config.inference_mode = True  # as save_pretrained writes it
+    try:
+        config.save_pretrained(str(folder))
+    finally:
+        config.inference_mode = inference_mode
+
+
 def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, train_state: dict,
                     config: "Config", plugins: "PluginSet", keep: int = -1) -> Path:
     """Write the checkpoint of ``step`` atomically; keep only the newest ``keep`` (-1: all)."""
@@ -70,7 +103,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, schedu
     tmp = root / f".step-{step:07d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    save_adapter(model, tmp / "adapter")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -86,12 +119,8 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, schedu
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict, dict]:
-    """Load adapter weights, optimizer and scheduler states into the given objects.
-
-    :returns: ``(train_state, rng_state)``; the caller restores the RNGs right before the next step.
-    """
-    import torch
+def load_adapter_weights(path: Path, model: Any) -> None:
+    """Load a checkpoint's adapter weights into the (not yet distributed) PEFT model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -100,6 +129,18 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> t
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"checkpoint {path} has adapter weights this model lacks: {unexpected[:3]}")
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict, dict]:
+    """Load adapter weights, optimizer and scheduler states into the given objects (``model=None``: the
+    adapter weights were loaded already, with :func:`load_adapter_weights`).
+
+    :returns: ``(train_state, rng_state)``; the caller restores the RNGs right before the next step.
+    """
+    import torch
+
+    if model is not None:
+        load_adapter_weights(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)

@@ -140,7 +140,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("quant.bnb_4bit_compute_dtype", "str", "auto",
            "dtype of the matmuls: auto = bfloat16 on a GPU that supports it, else float32",
            choices=("auto", "bfloat16", "float16", "float32")),
-    Option("quant.bnb_4bit_quant_storage", "str", "uint8", "storage dtype of packed 4-bit weights (bfloat16 for FSDP)",
+    Option("quant.bnb_4bit_quant_storage", "str", "uint8",
+           "storage dtype of packed 4-bit weights (the fsdp plugin sets it to the compute dtype)",
            choices=("uint8", "bfloat16", "float16", "float32")),
     Option("quant.fp32_upcast", "bool", False,
            "upcast every non-4-bit weight (embeddings, head, norms) to fp32 as PEFT's prepare_model_for_kbit_training "
@@ -220,10 +221,17 @@ CORE_OPTIONS: tuple[Option, ...] = (
 class Config:
     """A validated, nested configuration with dotted access: ``config["lora.r"]``."""
 
-    def __init__(self, data: dict[str, Any], options: Mapping[str, Option], plugins: list[str]):
+    def __init__(self, data: dict[str, Any], options: Mapping[str, Option], plugins: list[str],
+                 explicit: Iterable[str] = ()):
         self._data = data
         self.options = dict(options)
         self.plugins = list(plugins)
+        self._explicit = frozenset(explicit)
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether the config file or ``--set`` gave ``key`` (rather than its default, or a plugin's
+        ``config.set``): a plugin adjusting a key can tell a user's choice, to respect or refuse, from a default."""
+        return key in self._explicit
 
     def __getitem__(self, key: str) -> Any:
         node: Any = self._data
@@ -336,6 +344,7 @@ def build_config(data: Mapping[str, Any], options: Iterable[Option], plugins: li
             raise UsageError(f"config key {option.key} is declared twice (by the core or two plugins)")
         by_key[option.key] = option
     problems: list[str] = []
+    explicit: list[str] = []
     resolved: dict[str, Any] = {}
     for option in by_key.values():
         _set_dotted(resolved, option.key, copy.deepcopy(option.default))
@@ -360,9 +369,10 @@ def build_config(data: Mapping[str, Any], options: Iterable[Option], plugins: li
             problems.append(f"{key}: {problem}")
             continue
         _set_dotted(resolved, key, value)
+        explicit.append(key)
     if problems:
         raise ConfigError(problems)
-    return Config(resolved, by_key, plugins)
+    return Config(resolved, by_key, plugins, explicit)
 
 
 def requested_plugins(data: Mapping[str, Any]) -> list[str]:

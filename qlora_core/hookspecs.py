@@ -11,7 +11,7 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
 3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
 4. model: :func:`qlora_quantization_config`, :func:`qlora_model_load_kwargs`, :func:`qlora_prepare_model`,
    :func:`qlora_adapter_targets`
-5. optimizer: :func:`qlora_optimizer`
+5. distribution and optimizer: :func:`qlora_distribute_model`, :func:`qlora_optimizer`
 6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
    :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
    :func:`qlora_on_evaluate` every ``train.eval_steps`` and at the end, :func:`qlora_on_save` for each
@@ -19,9 +19,9 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
 7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
    :func:`qlora_on_train_end`
 
-Four concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
-(:func:`qlora_adapter_targets`), optimizer (:func:`qlora_optimizer`) and dataset format
-(:func:`qlora_dataset_formats`). A plugin the run asks for replaces the defaults that implement the same
+Five concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
+(:func:`qlora_adapter_targets`), distribution (:func:`qlora_distribute_model`), optimizer
+(:func:`qlora_optimizer`) and dataset format (:func:`qlora_dataset_formats`). A plugin the run asks for replaces the defaults that implement the same
 hook; two requested plugins implementing the same single-choice hook are an error naming both.
 """
 
@@ -45,6 +45,7 @@ hookspec = pluggy.HookspecMarker("qlora")
 SINGLE_CHOICE_HOOKS: dict[str, str] = {
     "qlora_quantization_config": "quantization",
     "qlora_adapter_targets": "adapter targeting",
+    "qlora_distribute_model": "distribution",
     "qlora_optimizer": "optimizer",
     "qlora_dataset_formats": "dataset format",
 }
@@ -177,6 +178,28 @@ def qlora_dataset_formats(config: "Config") -> "Sequence[DatasetFormat]":
     """
 
 
+# --------------------------------------------------------------------------- distribution
+
+
+@hookspec(firstresult=True)
+def qlora_distribute_model(model: "torch.nn.Module", accelerator: Any, config: "Config") -> "torch.nn.Module | None":
+    """Wrap the PEFT model for training across the run's processes (sharding, gradient synchronisation).
+
+    Called on every process, after the adapters are added (and, on ``--resume``, their weights loaded), before
+    the optimizer is built. The wrapper must keep the adapters' parameters whole on every process (the
+    optimizer, checkpoints and exports read them directly) and its ``no_sync()`` must skip gradient
+    synchronisation for all but the last micro-batch of a step, as DDP's does.
+
+    :param model: the PEFT model, on this process's device.
+    :param accelerator: the run's ``accelerate.Accelerator`` (``num_processes``, ``process_index``, ``device``).
+    :param config: the config.
+    :returns: the wrapped model, whose ``module`` attribute is ``model``; or ``None`` to leave the model to
+        accelerate (DDP across several processes, nothing for one).
+
+    The first non-None result wins; it is a single-choice concern.
+    """
+
+
 # --------------------------------------------------------------------------- optimizer
 
 
@@ -282,7 +305,8 @@ def qlora_on_train_end(run: "Run", summary: "dict[str, Any]") -> None:
 
     :param run: the run.
     :param summary: ``steps``, ``train_loss`` (last logged), ``first_loss``, ``eval_loss_before``,
-        ``eval_loss_after``, ``train_seconds``, ``tokens_per_second`` and, on a GPU, ``peak_gpu_memory_gib``.
+        ``eval_loss_after``, ``train_seconds``, ``tokens_per_second`` and, on a GPU, ``peak_gpu_memory_gib``
+        (the largest over the processes).
     :returns: nothing.
 
     Every plugin's implementation is called.

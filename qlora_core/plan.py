@@ -43,6 +43,8 @@ Static, sharded by FSDP (divided by ``N``):
   **optimizer states**: paged AdamW 8-bit keeps two 1-byte states per parameter (2 bytes/param), 32-bit AdamW
   two fp32 states (8 bytes/param). Paged states live in CUDA managed memory: they can be evicted to the CPU
   under pressure and ``torch.cuda.max_memory_allocated`` does not count them (they are small next to the rest).
+  The guide's FSDP recipe shards these three as well; the ``fsdp`` plugin keeps them whole on every GPU (they
+  are a fraction of a percent of the model), and turns the fp32 upcast off.
 
 Activations (per GPU, not sharded). With the fp32 upcast the residual stream is fp32 (``s = 4``): the
 embeddings are fp32 and bitsandbytes returns its matmul outputs in the input's dtype. The tensors kept for the
@@ -258,7 +260,8 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1) -> list[st
                    "issues); it recommends bfloat16 (auto picks it where the GPU supports it)")
     if config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_type"] != "nf4":
         out.append(f"quant.bnb_4bit_quant_type={config['quant.bnb_4bit_quant_type']}: the guide recommends nf4")
-    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] != "bfloat16":
+    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] != "bfloat16" \
+            and "fsdp" not in config.plugins:  # the fsdp plugin sets it
         out.append(f"{gpus} GPUs with quant.bnb_4bit_quant_storage={config['quant.bnb_4bit_quant_storage']}: the "
                    f"guide calls bnb_4bit_quant_storage=bfloat16 critical for FSDP (4-bit layers must be wrapped "
                    f"like the others)")
@@ -526,6 +529,7 @@ class Settings:
     optimizer_bytes: int
     checkpointing: bool
     loss: str
+    shard_adapters: bool = True  # the guide's FSDP recipe shards them too; the fsdp plugin keeps them whole
 
 
 def layer_bytes_per_token(shape: ModelShape, settings: Settings, targets: str | Sequence[str]) -> float:
@@ -574,6 +578,7 @@ def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequen
                     trainable: int) -> MemoryEstimate:
     """The memory model of the module docstring for one setting of gradient checkpointing."""
     n = max(1, settings.gpus)
+    m = n if settings.shard_adapters else 1
     a = 4 if settings.compute_dtype == "float32" else 2
     s = 4 if settings.upcast else a
     h, i, L, V = shape.hidden_size, shape.intermediate_size, shape.n_layers, shape.vocab_size
@@ -627,7 +632,7 @@ def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequen
         detail.update(fsdp_gathered_bytes=root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n))
     return MemoryEstimate(
         checkpointing=checkpointing, quantized_weights=quantized / n, quant_constants=constants / n,
-        other_weights=other / n, lora_weights=lora / n, lora_gradients=grads / n, optimizer_states=optim / n,
+        other_weights=other / n, lora_weights=lora / m, lora_gradients=grads / m, optimizer_states=optim / m,
         stored_activations=stored, working_set=working, transients=transients, working_set_kind=kind,
         detail=detail,
     )
@@ -708,6 +713,10 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         notes.append(f"optimizer plugin {optimizer!r} is not one qlora ships: assumed AdamW with two fp32 states "
                      f"(8 bytes per trainable parameter)")
     quantized = bool(config["quant.load_in_4bit"]) and bool(plugins.implementers("qlora_quantization_config"))
+    # The fsdp plugin turns the fp32 upcast off and keeps the adapters whole on every GPU (plugins/fsdp.py).
+    fsdp = "fsdp" in names
+    if upcast is None:
+        upcast = bool(config["quant.fp32_upcast"]) and not fsdp
     compute = config["quant.bnb_4bit_compute_dtype"]
     if compute == "auto":
         compute = "bfloat16"  # what auto picks on a GPU with bf16 (every GPU this plans for: Ampere and later)
@@ -718,7 +727,7 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         seq=config["train.max_seq_length"], gradient_accumulation_steps=config["train.gradient_accumulation_steps"],
         gpus=gpus, load_in_4bit=quantized, double_quant=bool(config["quant.bnb_4bit_use_double_quant"]),
         quant_type=config["quant.bnb_4bit_quant_type"], compute_dtype=compute,
-        upcast=quantized if upcast is None else bool(upcast and quantized),
+        upcast=bool(upcast and quantized), shard_adapters=not fsdp,
         optimizer=optimizer, optimizer_bytes=opt_bytes,
         checkpointing="gradient-checkpointing" in names and supports_checkpointing, loss=loss,
     ), notes
@@ -737,8 +746,9 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         is not resolved yet); found with ``resolve()`` when not given.
     :param loss: ``"qlora"`` (the trainer's loss, 12 bytes per logit) or ``"transformers"`` (the model's own
         loss with its output kept through backward, 14 bytes per logit).
-    :param upcast: whether the non-quantized weights are upcast to fp32 (default: when loaded in 4 bits, as
-        the ``nf4`` plugin's ``prepare_model_for_kbit_training`` does).
+    :param upcast: whether the non-quantized weights are upcast to fp32 (default: ``quant.fp32_upcast``, with
+        which the ``nf4`` plugin runs PEFT's ``prepare_model_for_kbit_training``; never under the ``fsdp``
+        plugin).
     :raises UsageError: the model's config cannot be read (unknown path or hub id offline, not a causal LM).
     """
     from .config import Config
@@ -780,9 +790,14 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         notes.append("gradient checkpointing is off in this config (no:gradient-checkpointing)")
     if shape.attn_implementation == "eager":
         notes.append("eager attention keeps the attention probabilities (seq x heads per token and layer)")
+    if gpus > 1 and "fsdp" not in plugin_set.names():
+        notes.append(f"{gpus} GPUs: the estimate is FSDP's (the guide's recipe, adapters sharded too); qlora run "
+                     f"shards the model with --plugin fsdp --nproc-per-node {gpus} (without it, DDP keeps a whole "
+                     f"model on each GPU)")
     if gpus > 1 and settings.upcast:
         notes.append("under FSDP, PEFT's fp32 upcast of the non-quantized weights has been measured to break FSDP's "
-                     "flattening (mixed bf16/fp32); the estimate assumes it is applied as on one GPU")
+                     "flattening (mixed bf16/fp32); the estimate assumes it is applied as on one GPU "
+                     "(--plugin fsdp turns it off)")
     short = sorted({n.rsplit(".", 1)[-1] for n, *_ in adapted})
     return Plan(
         model=str(name), path=str(path), shape=shape, settings=settings, lora_targets=short,

@@ -191,8 +191,11 @@ _PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 def _plain_head_model(model) -> Any:
     """The causal LM under a PEFT wrapper when its head can be applied to chosen positions only, else None.
 
-    Not under DDP/FSDP wrappers: their gradient synchronisation runs through the wrapper's forward.
+    Not under DDP/FSDP wrappers (they have a ``module``): their gradient synchronisation and FSDP's gathering
+    of sharded weights run through the wrapper's forward.
     """
+    if hasattr(model, "module"):
+        return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD_MODELS:
         return None
@@ -340,6 +343,7 @@ class Job:
         self.eval_split: str | None = None  # where the held-out rows come from, for reports
         self.num_parameters = 0  # of the base model, once loaded
         self.sample: FormattedExample | None = None
+        self.distributed_by_plugin = False  # a qlora_distribute_model plugin wrapped the model (FSDP)
         self._order_cache: dict[str, Any] = {}
         self._packing_checked = False
 
@@ -520,7 +524,7 @@ class Job:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        from .checkpoint import latest_checkpoint, load_checkpoint
+        from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint
 
         cfg = self.config
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
@@ -533,7 +537,18 @@ class Job:
             out = prepare_output_dir(self._output_dir, self._overwrite)
         else:
             out = Path(self._output_dir or "runs/unnamed")
-        model = accelerator.prepare_model(self.model, device_placement=False)
+        accelerator.wait_for_everyone()  # the run folder exists before any process goes on
+        ckpt = None
+        if self._resume_from is not None:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
+                                 f"(checkpoints are written every train.save_steps steps)")
+            load_adapter_weights(ckpt, self.model)  # before a plugin shards the model
+        model = self.hook.qlora_distribute_model(model=self.model, accelerator=accelerator, config=cfg)
+        self.distributed_by_plugin = model is not None
+        if model is None:
+            model = accelerator.prepare_model(self.model, device_placement=False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
@@ -550,12 +565,8 @@ class Job:
 
         state = TrainState(micro_batch_size=cfg["train.per_device_train_batch_size"])
         rng = None
-        if self._resume_from is not None:
-            ckpt = latest_checkpoint(out)
-            if ckpt is None:
-                raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
-                                 f"(checkpoints are written every train.save_steps steps)")
-            saved, rng = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        if ckpt is not None:
+            saved, rng = load_checkpoint(ckpt, None, optimizer, scheduler)
             state = TrainState(**saved)
             if state.step >= max_steps:
                 raise UsageError(f"the run already reached step {state.step} of {max_steps}; raise "
@@ -672,7 +683,15 @@ class Job:
 
     def _show_sample(self, run: Run, stage: str) -> None:
         n = self.config["train.sample_max_new_tokens"]
-        if self.sample is None or n == 0 or not run.is_main_process:
+        if self.sample is None or n == 0:
+            return
+        if self.distributed_by_plugin:
+            # Generation calls the model's inner modules, around the wrapper: a sharded model cannot run it.
+            if stage == "before":
+                self.hook.qlora_on_notice(run=run, message="no sample answers while the model is sharded across "
+                                                           "processes; after the run: qlora generate RUN_DIR")
+            return
+        if not run.is_main_process:
             return
         prompt, reference = self.sample.prompt_and_answer()
         completion = self.generate(prompt, n, self.sample.add_special_tokens, model=run.model)
@@ -879,7 +898,10 @@ class Job:
         summary["train_seconds"] = train_seconds
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
-            summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+            if world > 1:  # the busiest GPU's
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            summary["peak_gpu_memory_gib"] = float(peak) / 2**30
         if self.eval_examples:
             ev = {"step": run.max_steps, **self.evaluate(model, accelerator)}
             summary["eval_loss_after"] = ev["eval_loss"]

@@ -37,6 +37,7 @@ def _load_plan_check():
 plan_check = _load_plan_check()
 
 SEED = {  # the seed recipe's measured setting: Llama-3-8B shape, seq 2048, batch 4, r 16 all-linear
+    "quant": {"fp32_upcast": True},  # PEFT's prepare_model_for_kbit_training, as the guide runs it
     "lora": {"r": 16, "lora_alpha": 32},
     "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "max_seq_length": 2048,
               "learning_rate": 2e-4},

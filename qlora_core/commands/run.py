@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
 
 HELP = "fine-tune a model (with no CONFIG: the embedded default job)"
 
@@ -17,6 +22,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR from its latest complete checkpoint (with its own config and plugins)")
+    parser.add_argument("--nproc-per-node", type=int, metavar="N",
+                        help="start N processes on this machine (one per GPU) through torchrun and train across "
+                             "them; on several machines run torchrun yourself")
+
+
+def under_launcher() -> bool:
+    """Whether this process was started by torchrun / accelerate launch (one of several ranks)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_command(args: argparse.Namespace, output: str | None) -> list[str]:
+    """The torchrun command that runs this ``qlora run`` in ``args.nproc_per_node`` processes: the same
+    arguments, with the run folder fixed (every process must agree on it) and without ``--nproc-per-node``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+           "-m", "qlora_core", "run"]
+    if args.config:
+        cmd.append(args.config)
+    for name in args.plugin:
+        cmd += ["--plugin", name]
+    for pair in args.overrides:
+        cmd += ["--set", pair]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    elif output:
+        cmd += ["--output", output]
+    if args.overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from ..trainer import Job
+
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1 (got {args.nproc_per_node})")
+    if under_launcher():
+        raise UsageError("--nproc-per-node starts the processes itself; under torchrun or accelerate launch drop it")
+    output = args.output
+    if not args.resume and output is None:
+        output = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    # Config, plugin and output-folder errors: reported once, here, before N processes would each report them.
+    Job(args.config, plugins=args.plugin, overrides=args.overrides, output_dir=None if args.resume else output,
+        overwrite=args.overwrite, resume=args.resume)
+    return subprocess.call(launch_command(args, output))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -25,10 +75,13 @@ def main(args: argparse.Namespace) -> int:
 
     if args.resume and args.output:
         raise UsageError("--resume writes into the run folder it continues; drop --output")
+    if args.nproc_per_node is not None:
+        return _launch(args)
     job = Job(args.config, plugins=args.plugin, overrides=args.overrides, output_dir=args.output,
               overwrite=args.overwrite, resume=args.resume)
     result = job.run()
-    print(f"run folder: {result.output_dir}")
-    for path in result.exports:
-        print(f"saved: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.output_dir}")
+        for path in result.exports:
+            print(f"saved: {path}")
     return 0

@@ -1,0 +1,173 @@
+"""FSDP across processes (``--plugin fsdp``): on the CPU, two processes over gloo train the tiny Llama in 4 bits
+exactly like one process with the same global batch; plus the plugin's config rules, wrapping plan and launcher."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from qlora_core import cli
+from qlora_core.commands.run import launch_command
+from qlora_core.errors import UsageError
+from qlora_core.trainer import Job
+
+from qlora_plugins import fsdp
+
+
+def losses(run_dir) -> list[tuple[int, str, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], "loss" if "loss" in r else "eval_loss", r.get("loss", r.get("eval_loss"))) for r in rows]
+
+
+def qlora(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run([sys.executable, "-m", "qlora_core", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+@pytest.fixture
+def fsdp_config(tiny_config) -> dict:
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["eval_fraction"] = 0.25
+    cfg["train"].update(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, save_steps=2,
+                        optim="adamw")
+    return cfg
+
+
+def test_two_processes_train_as_one_process_does_and_resume(fsdp_config, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(fsdp_config))
+    out = tmp_path / "fsdp"
+    done = qlora("run", str(config), "--plugin", "fsdp", "--plugin", "no:rich-progress", "--nproc-per-node", "2",
+                 "--output", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 only
+
+    # One process, no FSDP, the same global batch (2 per process x 2 processes): the same losses.
+    single = copy.deepcopy(fsdp_config)
+    single["train"]["per_device_train_batch_size"] = 4
+    one = Job(single, plugins=["no:rich-progress"], output_dir=tmp_path / "one").run()
+    expected = losses(one.output_dir)
+    got = losses(out)
+    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]  # one row each: rank 0 wrote them
+    assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.output_dir.iterdir())
+
+    # The adapter is a plain PEFT adapter: it loads on the CPU onto the unquantized base, and equals the
+    # single process's.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(fsdp_config["model"]["name_or_path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert sum(1 for n, _ in model.named_parameters() if "lora_" in n) == 28
+    mine, theirs = load_file(str(out / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(one.output_dir / "adapter" / "adapter_model.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], atol=1e-5, rtol=1e-4)
+
+    # Resume from the step-2 checkpoint on two processes: steps 3 and 4 come out as in the run itself.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    done = qlora("run", "--resume", str(resumed), "--nproc-per-node", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((resumed / "run.json").read_text())["resumed_from_step"] == 2
+    assert [v for *_, v in losses(resumed)] == pytest.approx([v for *_, v in got], rel=1e-5)
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype_without_upcast(tiny_config, tmp_path):
+    job = Job(tiny_config, plugins=["fsdp"], output_dir=tmp_path / "run")
+    assert job.config["quant.bnb_4bit_quant_storage"] == "float32"  # the CPU computes in float32
+    assert job.config["quant.fp32_upcast"] is False
+    plain = Job(tiny_config, output_dir=tmp_path / "plain")
+    assert plain.config["quant.bnb_4bit_quant_storage"] == "uint8" and plain.config["quant.fp32_upcast"] is False
+    # The same value set explicitly is no contradiction.
+    Job(tiny_config, plugins=["fsdp"], overrides=["quant.bnb_4bit_quant_storage=float32"])
+
+
+@pytest.mark.parametrize("setting, named", [("quant.bnb_4bit_quant_storage=uint8", "quant.bnb_4bit_quant_storage"),
+                                            ("quant.fp32_upcast=true", "quant.fp32_upcast"),
+                                            ("lora.bias=all", "lora.bias")])
+def test_a_setting_that_contradicts_fsdp_is_a_one_line_error(tiny_config, tmp_path, capsys, setting, named):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    code = cli.main(["run", str(config), "--plugin", "fsdp", "--set", setting, "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: fsdp: ") and named in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_and_cpu_offload_do_not_combine(tiny_config):
+    with pytest.raises(UsageError, match="fsdp.cpu_offload"):
+        Job(tiny_config, plugins=["fsdp", "cpu-offload"])
+
+
+def test_the_wrapping_plan_shards_decoder_layers_and_keeps_adapters_whole(tiny_config, tmp_path):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    job = Job(tiny_config, plugins=["fsdp"], output_dir=tmp_path / "run")
+    model = job.load_model()
+    assert fsdp.decoder_layer_class(model) is LlamaDecoderLayer
+    kwargs = fsdp.wrap_kwargs(model, job.config, torch.device("cpu"))
+    assert kwargs["auto_wrap_policy"].keywords["transformer_layer_cls"] == {LlamaDecoderLayer}
+    adapters = kwargs["ignored_states"]
+    assert len(adapters) == 2 * 7 * 2  # lora_A and lora_B of 7 linears in 2 layers
+    assert {p for m in adapters for p in m.parameters()} == {p for p in model.parameters() if p.requires_grad}
+    assert kwargs["sharding_strategy"].name == "FULL_SHARD" and not kwargs["cpu_offload"].offload_params
+    # Norms and 4-bit weights share one dtype, so FSDP can flatten each layer.
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.float32}
+    job.config.set("fsdp.wrap_class", "LlamaBlock")
+    with pytest.raises(UsageError, match="no module of class 'LlamaBlock'.*LlamaDecoderLayer"):
+        fsdp.wrap_kwargs(model, job.config, torch.device("cpu"))
+
+
+def _run_args(**given) -> argparse.Namespace:
+    args = dict(config=None, plugin=[], overrides=[], output=None, overwrite=False, resume=None, nproc_per_node=2)
+    args.update(given)
+    return argparse.Namespace(**args)
+
+
+def test_the_launcher_forwards_the_arguments_to_torchrun():
+    cmd = launch_command(_run_args(config="c.yaml", plugin=["fsdp", "adamw"], overrides=["lora.r=8"],
+                                   overwrite=True), "runs/x")
+    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert cmd[6:] == ["qlora_core", "run", "c.yaml", "--plugin", "fsdp", "--plugin", "adamw", "--set", "lora.r=8",
+                       "--output", "runs/x", "--overwrite"]
+    resume = launch_command(_run_args(resume="runs/x", overrides=["train.max_steps=9"]), None)
+    assert resume[8:] == ["--set", "train.max_steps=9", "--resume", "runs/x"]
+
+
+def test_the_launcher_reports_errors_once_before_starting_processes(tiny_config, tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert cli.main(["run", str(config), "--set", "lora.r=0", "--nproc-per-node", "2"]) == 2
+    assert cli.main(["run", str(config), "--output", str(tmp_path / "full"), "--nproc-per-node", "2"]) == 2
+    assert cli.main(["run", str(config), "--nproc-per-node", "0"]) == 2
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.main(["run", str(config), "--nproc-per-node", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err] == ["error"] * 4
+    assert "lora.r" in err[0] and "not empty" in err[1] and "at least 1" in err[2] and "torchrun" in err[3]
+    assert started == []
+    monkeypatch.delenv("LOCAL_RANK")
+    assert cli.main(["run", str(config), "--nproc-per-node", "2", "--output", str(tmp_path / "new")]) == 0
+    assert started and started[0][-2:] == ["--output", str(tmp_path / "new")]
