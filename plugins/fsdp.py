@@ -84,6 +84,8 @@ def qlora_configure(config, device) -> None:
         raise UsageError("fsdp: quant.fp32_upcast=true upcasts the norms to float32, which FSDP cannot flatten "
                          "with the other weights; drop the setting")
     config.set("quant.fp32_upcast", False)
+    if config["train.compile"] == "auto":  # compiling layers inside FSDP units is not measured yet: off by default
+        config.set("train.compile", False)
 
 
 def decoder_layer_class(model, name: str | None = None) -> type:

@@ -50,6 +50,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
     "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
                          "set": ["train.fused_cross_entropy=false"]},
+    "qlora-fused-lora": {"help": "PEFT's own LoRA forward instead of the fused 4-bit + LoRA function",
+                         "set": ["train.fused_lora=false"]},
     "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},
@@ -59,7 +61,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
-ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora-compile",
+ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora-fused-lora",
+             "qlora-compile",
              "qlora-offload", "qlora+budget")
 
 
@@ -117,6 +120,50 @@ def _padded(rows: list[list[int]], device: str):
 
 
 # --------------------------------------------------------------------------- one variant (worker process)
+
+
+class _Profiler:
+    """With ``--profile``: a torch.profiler trace of two steps after the warmup, summarised as the CUDA
+    kernels that took the most time (a qlora plugin for the trainer's loop; called directly by the seed's)."""
+
+    def __init__(self) -> None:
+        self.prof: Any = None
+        self.path: str | None = None
+        self.start_after = 0
+
+    def step_done(self, step: int) -> None:
+        if self.path is None:
+            return
+        import torch
+
+        if step == self.start_after and self.prof is None:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif self.prof is not None and step == self.start_after + 2:
+            _sync()
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            try:
+                table = averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+            except (AttributeError, KeyError, RuntimeError):  # older torch: the CUDA names
+                table = averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+            Path(self.path).write_text(table)
+            self.prof, self.path = None, None
+
+    @staticmethod
+    def _hookimpl():
+        from . import hookimpl
+
+        class Plugin:
+            @hookimpl
+            def qlora_on_step_end(self, run, metrics):
+                PROFILER.step_done(run.step)
+
+        return Plugin()
+
+
+PROFILER = _Profiler()
 
 
 def _sync() -> None:
@@ -188,6 +235,7 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
         del out
         _sync()
         steps.append({"loss": loss, "seconds": time.perf_counter() - t, "tokens": int(mask.sum())})
+        PROFILER.step_done(step + 1)
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
 
 
@@ -221,6 +269,8 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-run-"))
     job = Job(None, plugins=["no:adapter-export", "no:rich-progress", *plugins], overrides=overrides,
               output_dir=out / "run")
+    if PROFILER.path:
+        job.plugins.pm.register(PROFILER._hookimpl(), name="bench-profiler")
     model, _, build_seconds, weights = _build(args, model_dir, device)
     job.tokenizer = _BenchTokenizer()
     job.load_model(base=model)
@@ -247,6 +297,9 @@ def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Pat
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.get("profile_dir"):
+        PROFILER.path = str(Path(args["profile_dir"]) / f"profile-{name}.txt")
+        PROFILER.start_after = args["warmup"]
     if device == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if name == "seed":
@@ -359,7 +412,7 @@ def render(report: dict[str, Any]) -> None:
 def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int = 10, warmup: int = 2, r: int = 16,
           lora_dropout: float = 0.0, variants: Sequence[str] = ("seed", "qlora"), learning_rate: float = 2e-4,
           max_grad_norm: float = 0.3, seed: int = 42, timeout: float | None = None,
-          min_len: int | None = None) -> dict[str, Any]:
+          min_len: int | None = None, profile_dir: str | Path | None = None) -> dict[str, Any]:
     """Measure ``variants`` on one shape; the report that ``qlora bench --json`` prints."""
     import torch
 
@@ -379,6 +432,9 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
     args = {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "r": r,
             "lora_dropout": lora_dropout, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm,
             "seed": seed, "min_len": min_len}
+    if profile_dir is not None:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        args["profile_dir"] = str(Path(profile_dir).resolve())
     with tempfile.TemporaryDirectory(prefix="qlora-bench-model-") as tmp:
         model_dir = write_config_folder(config, Path(tmp) / "model")
         results = [run_variant_process(name, spec, args, model_dir, timeout) for name, spec in parsed]

@@ -483,6 +483,11 @@ class Job:
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
+        fused = cfg["train.fused_lora"]
+        if fused is True or (fused == "auto" and self.device == "cuda"):
+            from .lora_fused import fuse_lora_layers
+
+            fuse_lora_layers(self.model)
         compile_ = cfg["train.compile"]
         if compile_ == "auto":
             compile_ = self.device == "cuda"

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the seed, qlora and qlora with each lever changed, one at a time")
     parser.add_argument("--variant-timeout", type=float, default=1200, metavar="SECONDS",
                         help="stop a variant that takes longer (default 1200)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="write each variant's top CUDA kernels over two steps after the warmup to DIR")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON report here")
 
@@ -43,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
         variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
     report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
                    lora_dropout=args.lora_dropout, variants=variants or ("seed", "qlora"),
-                   timeout=args.variant_timeout, min_len=args.min_len)
+                   timeout=args.variant_timeout, min_len=args.min_len,
+                   profile_dir=args.profile)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
