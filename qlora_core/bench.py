@@ -412,8 +412,13 @@ def render(report: dict[str, Any]) -> None:
 def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int = 10, warmup: int = 2, r: int = 16,
           lora_dropout: float = 0.0, variants: Sequence[str] = ("seed", "qlora"), learning_rate: float = 2e-4,
           max_grad_norm: float = 0.3, seed: int = 42, timeout: float | None = None,
-          min_len: int | None = None, profile_dir: str | Path | None = None) -> dict[str, Any]:
-    """Measure ``variants`` on one shape; the report that ``qlora bench --json`` prints."""
+          min_len: int | None = None, profile_dir: str | Path | None = None,
+          on_result: Any = None) -> dict[str, Any]:
+    """Measure ``variants`` on one shape; the report that ``qlora bench --json`` prints.
+
+    :param on_result: called with the report so far after each variant (``--out`` keeps what was measured
+        when a later variant is stopped).
+    """
     import torch
 
     from .shapes import shape_config, write_config_folder
@@ -435,17 +440,29 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
     if profile_dir is not None:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         args["profile_dir"] = str(Path(profile_dir).resolve())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    report = {"settings": args, "device": device, "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
+              "results": []}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-model-") as tmp:
         model_dir = write_config_folder(config, Path(tmp) / "model")
-        results = [run_variant_process(name, spec, args, model_dir, timeout) for name, spec in parsed]
-    compare(results)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"settings": args, "device": device, "date": time.strftime("%Y-%m-%d"), "versions": _versions(),
-            "results": results}
+        for name, spec in parsed:
+            report["results"].append(run_variant_process(name, spec, args, model_dir, timeout))
+            compare(report["results"])
+            if on_result is not None:
+                on_result(report)
+    return report
 
 
 def _worker_main(job_file: str, result_file: str) -> int:
     from .cli import quiet_third_party_noise
+
+    try:  # Linux: die with the bench process, not hold the GPU after it was stopped
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
     quiet_third_party_noise()
     job = json.loads(Path(job_file).read_text())

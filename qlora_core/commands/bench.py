@@ -40,19 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..bench import ABLATIONS, bench, render
 
+    def save(report) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     variants = list(args.variants or [])
     if args.ablations:
         variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
     report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
                    lora_dropout=args.lora_dropout, variants=variants or ("seed", "qlora"),
                    timeout=args.variant_timeout, min_len=args.min_len,
-                   profile_dir=args.profile)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+                   profile_dir=args.profile, on_result=save)
     if args.json:
-        print(text)
+        print(json.dumps(report, indent=2))
     else:
         render(report)
     failed = [r["variant"] for r in report["results"] if "error" in r]
