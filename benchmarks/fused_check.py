@@ -104,8 +104,10 @@ def check_layers(results: dict) -> None:
                                              ("checkpointed_offloaded_compiled", True, True, True, False),
                                              ("fused_lora", False, False, False, True),
                                              ("fused_lora_checkpointed_offloaded_compiled", True, True, True, True)):
-        job = Job(None, plugins=["no:gradient-checkpointing", "no:liger-kernels"],
-                  overrides=[("model.name_or_path", str(folder)), ("train.compile", False),
+        # No dropout: compiled code draws its dropout masks differently from eager code, so with dropout the
+        # compiled variants could not be compared with the plain one.
+        job = Job(None, plugins=["no:gradient-checkpointing"],
+                  overrides=[("model.name_or_path", str(folder)), ("train.compile", False), ("lora.lora_dropout", 0.0),
                              ("train.fused_lora", fused)])
         job.tokenizer = type("T", (), {"pad_token_id": 0})()
         model = job.load_model(base=build_direct(folder, "cuda", torch.bfloat16, seed=0))

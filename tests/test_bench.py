@@ -1,0 +1,107 @@
+"""``qlora bench`` on the CPU with a tiny Llama shape: the seed recipe and qlora's trainer side by side, each
+in its own process, on the same data; named and custom variants; a failing variant reported beside the others;
+bad arguments as one ``error:`` line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_core.bench import ABLATIONS, VARIANTS, make_sequences, parse_variant
+from qlora_core.errors import UsageError
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 512, "rope_theta": 10000.0, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02}
+
+
+def qlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_core", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def ragged_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    (tmp / "config.json").write_text(json.dumps(TINY))
+    done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
+                 "--steps", "3", "--warmup", "1", "--variant", "seed", "--variant", "qlora",
+                 "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
+                 cwd=tmp)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((tmp / "r.json").read_text()), done.stdout
+
+
+def test_seed_and_qlora_train_the_same_maths_on_the_same_data(ragged_report):
+    report, table = ragged_report
+    by = {r["variant"]: r for r in report["results"]}
+    seed, ours, packed = by["seed"], by["qlora"], by["qlora+packing"]
+    for r in (seed, ours, packed):
+        assert "error" not in r, r
+        assert len(r["losses"]) == 4 and r["tokens_per_second"] > 0 and r["median_step_seconds"] > 0
+    # float32 on the CPU: the guide's code, qlora's loop and qlora's packed loop give the same losses
+    assert ours["loss_max_abs_diff_vs_seed"] < 1e-4
+    assert packed["loss_max_abs_diff_vs_seed"] < 1e-4
+    assert ours["speedup_vs_seed"] == pytest.approx(ours["tokens_per_second"] / seed["tokens_per_second"])
+    # ragged lengths: padding costs the padded path, not the packed one
+    assert 0 < ours["padding_waste"] < 1 and packed["padding_waste"] == 0
+    assert "qlora bench" in table and "qlora+packing" in table
+
+
+def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
+    report, table = ragged_report
+    broken = next(r for r in report["results"] if r["variant"] == "broken")
+    assert broken["error"].startswith("exit code") and any("lora.r" in line for line in broken["log_tail"])
+    assert "broken" in table
+    assert report["settings"]["min_len"] == 8 and report["versions"]["torch"]
+
+
+def test_variants_by_name_and_by_overrides():
+    assert set(ABLATIONS) <= set(VARIANTS) and "seed" in ABLATIONS and "qlora" in ABLATIONS
+    name, spec = parse_variant("mine=train.compile=false,plugin:no:gradient-checkpointing,lora.r=8")
+    assert name == "mine"
+    assert spec["set"] == ["train.compile=false", "lora.r=8"]
+    assert spec["plugins"] == ["no:gradient-checkpointing"]
+    with pytest.raises(UsageError, match="unknown bench variant"):
+        parse_variant("qlora-fastest")
+    with pytest.raises(UsageError, match="neither KEY=VALUE nor plugin:NAME"):
+        parse_variant("x=compile")
+
+
+def test_bench_data_is_learnable_and_ragged_on_request():
+    dense = make_sequences(3, 40, 50_000, seed=1)
+    assert all(len(s) == 40 and max(s) < 1024 for s in dense)
+    assert dense[0][:16] == dense[0][16:32]  # a repeated motif: the loss can fall within a few steps
+    ragged = make_sequences(50, 40, 50_000, seed=1, min_len=5)
+    assert min(map(len, ragged)) >= 5 and max(map(len, ragged)) <= 40 and len(set(map(len, ragged))) > 5
+    assert make_sequences(3, 40, 50_000, seed=1) == dense  # deterministic
+
+
+@pytest.mark.parametrize("args, named", [(["--variant", "nope"], "unknown bench variant"),
+                                         (["--shape", "llama9-1t"], "unknown shape"),
+                                         (["--min-len", "0"], "--min-len"),
+                                         (["--steps", "0"], "--steps")])
+def test_bad_arguments_are_one_error_line(tmp_path, args, named):
+    done = qlora("bench", *args, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0]
+
+
+def test_named_shapes_are_the_real_architectures():
+    from qlora_core.plan import plan
+    from qlora_core.shapes import SHAPES, write_config_folder
+
+    counts = {}
+    for name in ("llama3-8b", "llama3-70b", "llama3-1b"):
+        folder = write_config_folder(SHAPES[name], Path(__import__("tempfile").mkdtemp()) / name)
+        counts[name] = plan(folder, {}).n_params
+    assert counts["llama3-8b"] == 8_030_261_248  # Meta-Llama-3-8B
+    assert counts["llama3-70b"] == 70_553_706_496  # Meta-Llama-3-70B
+    assert counts["llama3-1b"] == 1_235_814_400  # Llama-3.2-1B (tied embeddings)
