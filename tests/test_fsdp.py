@@ -171,3 +171,23 @@ def test_the_launcher_reports_errors_once_before_starting_processes(tiny_config,
     monkeypatch.delenv("LOCAL_RANK")
     assert cli.main(["run", str(config), "--nproc-per-node", "2", "--output", str(tmp_path / "new")]) == 0
     assert started and started[0][-2:] == ["--output", str(tmp_path / "new")]
+
+
+def test_accelerate_launch_runs_the_same_job(fsdp_config, tmp_path):
+    """The ordinary launcher works too: ``accelerate launch -m qlora_core run ...`` (its --multi_gpu mode spawns
+    the processes through torch.distributed; on this CPU machine they talk over gloo)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(fsdp_config))
+    out = tmp_path / "acc"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "qlora_core", "run", str(config), "--plugin", "fsdp", "--plugin", "no:rich-progress",
+                           "--output", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 only
+    assert json.loads((out / "plugins.json").read_text())  # the run's record, written once
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [s for s, kind, _ in losses(out) if kind == "loss"] == [1, 2, 3, 4]
