@@ -157,6 +157,25 @@ def real_tokens(batch: "dict[str, torch.Tensor]") -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def token_budget_batches(examples: Sequence[TokenizedExample], budget: int) -> list[list[TokenizedExample]]:
+    """Split ``examples`` (in order) into micro-batches of at most ``budget`` tokens each (an example longer than
+    the budget gets a micro-batch of its own): how packing fills each row, so that short examples make fewer,
+    fuller forward passes instead of more, emptier ones."""
+    out: list[list[TokenizedExample]] = []
+    current: list[TokenizedExample] = []
+    used = 0
+    for x in examples:
+        n = len(x.input_ids)
+        if current and used + n > budget:
+            out.append(current)
+            current, used = [], 0
+        current.append(x)
+        used += n
+    if current:
+        out.append(current)
+    return out
+
+
 def padding_waste(examples: Sequence[TokenizedExample], micro_batch_size: int) -> dict[str, Any]:
     """What padding costs on ``examples`` taken ``micro_batch_size`` at a time, in order.
 

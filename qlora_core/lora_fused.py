@@ -12,7 +12,8 @@ with the adapter's product accumulated into the base output by the matrix multip
 backward that does the same for the input gradient (``dx = dy @ dequant(W) + scaling * (dy @ B) @ A``) and
 computes the adapter's gradients from small rank-r products. Same maths (the bf16 products autocast would make),
 no output-sized temporaries. Layers it does not cover (several adapters, DoRA and other variants, a merged or
-disabled adapter, inputs not in the compute dtype) and evaluation keep PEFT's own forward.
+disabled adapter, inputs not in the compute dtype) and evaluation (the model in eval mode) keep PEFT's own
+forward.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def _fused_forward(layer):
         base = layer.base_layer
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         compute = getattr(base, "compute_dtype", None)
-        if (args or kwargs or not layer.training or not torch.is_grad_enabled() or layer.disable_adapters
+        # In training mode only (the no-grad first pass of a checkpointed layer included): evaluation and
+        # generation keep PEFT's forward and bitsandbytes' inference kernels.
+        if (args or kwargs or not layer.training or layer.disable_adapters
                 or layer.merged or len(active) != 1 or active[0] in getattr(layer, "lora_variant", {})
                 or (compute is not None and x.dtype != compute) or getattr(base.weight, "quant_state", None) is None):
             return original(x, *args, **kwargs)

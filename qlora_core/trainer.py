@@ -21,7 +21,7 @@ from . import __version__
 from .config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides, parse_overrides,
                      read_config_file, requested_plugins)
 from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
-                   padding_waste, real_tokens, tokenize_rows)
+                   padding_waste, real_tokens, token_budget_batches, tokenize_rows)
 from .errors import UsageError
 from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from .types import DatasetFormat, FormattedExample, Run
@@ -706,7 +706,9 @@ class Job:
                                   reference=reference.strip())
 
     def _forward_backward(self, model, examples, state, accelerator, run) -> tuple[float, int, int]:
-        """Forward and backward over one optimizer step's examples, split into micro-batches.
+        """Forward and backward over one optimizer step's examples, split into micro-batches: of
+        ``micro_batch_size`` examples, or with ``train.packing`` of up to ``micro_batch_size x max_seq_length``
+        tokens each (the same examples make the same step either way).
 
         Out of GPU memory with ``train.auto_find_batch_size``, the micro-batch is halved (and so the number of
         micro-batches, the gradient accumulation, doubled: the same examples make the same step) and the step
@@ -719,8 +721,12 @@ class Job:
         world = accelerator.num_processes
         while True:
             size = state.micro_batch_size
-            batches = [{k: v.to(device) for k, v in self._collate(examples[i:i + size]).items()}
-                       for i in range(0, len(examples), size)]
+            if cfg["train.packing"]:
+                # one row per micro-batch, filled up to micro-batch x max_seq_length tokens
+                groups = token_budget_batches(examples, size * cfg["train.max_seq_length"])
+            else:
+                groups = [examples[i:i + size] for i in range(0, len(examples), size)]
+            batches = [{k: v.to(device) for k, v in self._collate(group).items()} for group in groups]
             targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
                                    device=device)
             tokens = torch.tensor(sum(real_tokens(b) for b in batches), device=device)

@@ -183,3 +183,39 @@ def test_qlora_run_with_packing_trains_counts_real_tokens_and_writes_an_adapter(
         examples = job._step_examples(4 * i, 4, 0, 1)
         assert row["tokens"] == sum(len(x.input_ids) for x in examples)
         assert row["tokens_per_second"] > 0
+
+
+def test_token_budget_batches_fill_rows_in_order():
+    from qlora_core.data import token_budget_batches
+
+    examples = [TokenizedExample(list(range(n)), list(range(n))) for n in (5, 3, 4, 10, 2, 1)]
+    groups = token_budget_batches(examples, 8)
+    assert [[len(x.input_ids) for x in g] for g in groups] == [[5, 3], [4], [10], [2, 1]]
+    assert [x for g in groups for x in g] == examples  # every example once, in order
+
+
+def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config, tmp_path, monkeypatch):
+    """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens: the
+    step's short examples take fewer forward passes, and the step (same examples) trains the same."""
+    import qlora_core.trainer as trainer
+
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                        max_seq_length=64, sample_max_new_tokens=0)
+    calls = []
+    real = trainer._token_loss_sum
+
+    def counting(model, batch, fused=True):
+        if model.training:
+            calls.append(batch["input_ids"].shape)
+        return real(model, batch, fused)
+
+    monkeypatch.setattr(trainer, "_token_loss_sum", counting)
+    padded = Job(cfg, output_dir=tmp_path / "padded").run()
+    padded_calls, calls[:] = list(calls), []
+    packed = Job(cfg, overrides=["train.packing=true"], output_dir=tmp_path / "packed").run()
+    assert len(padded_calls) == 2 * 4  # 4 micro-batches of 2 examples a step
+    assert len(calls) < len(padded_calls)  # the guanaco rows are short: several fit one 128-token row
+    assert all(shape[0] == 1 and shape[1] <= 2 * 64 for shape in calls)
+    losses = [[r["loss"] for r in result.metrics if "loss" in r] for result in (padded, packed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
