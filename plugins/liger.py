@@ -1,12 +1,9 @@
 """Fused GPU kernels from liger-kernel: RMSNorm, rotary embeddings and the SwiGLU MLP as Triton kernels.
 
-Not on by default: with qlora's default ``train.compile`` (each decoder layer compiled), torch.compile fuses the
-same operations itself, and measured on an H200 (Llama-3-8B shape, docs/performance.md) the run was faster and
-leaner without these kernels (14,954 vs 14,212 tokens/s, 6.94 vs 7.31 GiB peak). ``--plugin liger-kernels``
-is for runs without compilation (``train.compile: false``). A no-op off CUDA, for architectures liger-kernel
-does not know, and when liger-kernel is not installed (``pip install 'qlora[gpu]'``; a notice says so). The
-output head and the loss are fused separately, by ``train.fused_cross_entropy`` (liger-kernel's fused linear
-cross-entropy on CUDA when installed).
+On by default; a no-op off CUDA, for architectures liger-kernel does not know, and when liger-kernel is not
+installed (``pip install 'qlora[gpu]'``; a notice says so on CUDA). ``--plugin no:liger-kernels`` turns it off.
+The output head and the loss are fused separately, by ``train.fused_cross_entropy`` (liger-kernel's fused
+linear cross-entropy on CUDA when installed). Measured on an H200: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -47,12 +47,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora": {"help": "qlora's defaults", "set": [], "plugins": []},
     "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
                           "set": ["quant.fp32_upcast=true"]},
-    "qlora+liger": {"help": "with liger-kernel's RMSNorm/RoPE/SwiGLU (the liger-kernels plugin)",
-                    "plugins": ["liger-kernels"]},
+    "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
     "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
                          "set": ["train.fused_cross_entropy=false"]},
-    "qlora-fused-lora": {"help": "PEFT's own LoRA forward instead of the fused 4-bit + LoRA function",
-                         "set": ["train.fused_lora=false"]},
+    "qlora+fused-lora": {"help": "the fused 4-bit + LoRA function instead of PEFT's LoRA forward",
+                         "set": ["train.fused_lora=true"]},
     "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},
@@ -62,14 +61,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
-ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora+liger", "qlora-fused-loss", "qlora-fused-lora",
+ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora+fused-lora",
              "qlora-compile",
              "qlora-offload", "qlora+budget")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME`` of :data:`VARIANTS`, or ``NAME=KEY=VALUE[,KEY=VALUE...]`` (qlora with those overrides;
-    ``plugin:NAME`` entries add plugins, e.g. ``plugin:no:gradient-checkpointing``)."""
+    ``plugin:NAME`` entries add plugins, e.g. ``plugin:no:liger-kernels``)."""
     if "=" not in text:
         if text not in VARIANTS:
             raise UsageError(f"unknown bench variant {text!r}; known: {', '.join(VARIANTS)} "

@@ -207,9 +207,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.num_threads", "int", 0, "CPU threads for torch (0: leave torch's default)", minimum=0),
     Option("train.compile", "auto_bool", "auto",
            "compile each decoder layer with torch.compile (auto: on CUDA)"),
-    Option("train.fused_lora", "auto_bool", "auto",
+    Option("train.fused_lora", "auto_bool", False,
            "compute each 4-bit linear layer and its LoRA adapter in one autograd function, without PEFT's "
-           "output-sized temporaries (auto: on CUDA)"),
+           "output-sized temporaries (auto: on CUDA); off until its speed beside compiled layers is measured "
+           "(docs/performance.md)"),
     Option("train.fused_cross_entropy", "bool", True,
            "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
            "(liger-kernel's kernel on CUDA when installed)"),

@@ -13,7 +13,8 @@ backward that does the same for the input gradient (``dx = dy @ dequant(W) + sca
 computes the adapter's gradients from small rank-r products. Same maths (the bf16 products autocast would make),
 no output-sized temporaries. Layers it does not cover (several adapters, DoRA and other variants, a merged or
 disabled adapter, inputs not in the compute dtype) and evaluation (the model in eval mode) keep PEFT's own
-forward.
+forward. Inside compiled layers the function runs outside torch.compile's graphs: traced, it gave wrong adapter
+gradients on the H200 (``benchmarks/fused_check.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ def _function():
     return LoRA4bitLinear
 
 
+def _apply(*args):
+    """The fused function, kept out of torch.compile's graphs (traced, it gave wrong adapter gradients)."""
+    return _FUNCTION.apply(*args)
+
+
+try:
+    import torch as _torch
+
+    _apply = _torch.compiler.disable(_apply)
+except (ImportError, AttributeError):  # pragma: no cover - torch without torch.compiler
+    pass
+
+
 def _fused_forward(layer):
     """The forward :func:`fuse_lora_layers` installs on one PEFT ``Linear4bit`` LoRA layer."""
     import torch
@@ -93,7 +107,7 @@ def _fused_forward(layer):
         dropout = layer.lora_dropout[name]
         same = isinstance(dropout, torch.nn.Identity) or not getattr(dropout, "p", 0.0)
         xd = x if same else dropout(x)
-        return _FUNCTION.apply(x, xd, base.weight, base.weight.quant_state, base.bias, layer.lora_A[name].weight,
+        return _apply(x, xd, base.weight, base.weight.quant_state, base.bias, layer.lora_A[name].weight,
                                layer.lora_B[name].weight, float(layer.scaling[name]), same)
 
     forward._qlora_fused = True

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "all-linear",
     "paged-adamw-8bit",
     "gradient-checkpointing",
+    "liger-kernels",
     "guanaco-format",
     "alpaca-format",
     "chat-format",
