@@ -6,7 +6,9 @@ with random weights straight into 4 bits (:mod:`qlora_core.shapes`; no checkpoin
 
 * ``seed``: the QLoRA guide's code as written: ``gradient_checkpointing_enable()``,
   ``prepare_model_for_kbit_training``, ``LoraConfig(target_modules="all-linear")``, bitsandbytes' paged AdamW
-  8-bit, bf16 autocast and the model's own loss (``labels=input_ids``), gradient clipping;
+  8-bit, bf16 autocast and the model's own loss (``labels=input_ids``), gradient clipping, in a plain loop;
+* ``seed-trainer``: the same model code trained by transformers' ``Trainer`` with the guide's
+  ``TrainingArguments`` (the guide uses TRL's ``SFTTrainer``, a ``Trainer`` subclass);
 * ``qlora``: ``qlora run``'s own path (:class:`qlora_core.trainer.Job`, its plugins and loop) with its defaults;
 * ablations: ``qlora`` with one lever changed (``--ablations`` runs them all; see :data:`VARIANTS`), or any
   ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
@@ -44,6 +46,8 @@ GIB = 2 ** 30
 VARIANTS: dict[str, dict[str, Any]] = {
     "seed": {"help": "the guide's recipe: transformers + PEFT + bitsandbytes, prepare_model_for_kbit_training, "
                      "gradient checkpointing, paged AdamW 8-bit"},
+    "seed-trainer": {"help": "the guide's recipe through transformers' Trainer and TrainingArguments (bf16, "
+                             "paged_adamw_8bit, gradient_checkpointing), as the guide runs it"},
     "qlora": {"help": "qlora's defaults", "set": [], "plugins": []},
     "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
                           "set": ["quant.fp32_upcast=true"]},
@@ -61,7 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
-ABLATIONS = ("seed", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora+fused-lora",
+ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora+fused-lora",
              "qlora-compile",
              "qlora-offload", "qlora+budget")
 
@@ -239,6 +243,71 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
 
 
+def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
+    """The guide's recipe through transformers' ``Trainer`` (the guide runs TRL's ``SFTTrainer``, a subclass),
+    with its ``TrainingArguments``: bf16, paged AdamW 8-bit, gradient checkpointing. The examples go in the
+    same order as the other variants' (no shuffling)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from .trainer import epoch_order
+
+    model, dtype, build_seconds, weights = _build(args, model_dir, device)
+    model.gradient_checkpointing_enable()
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=args["r"], lora_alpha=2 * args["r"], lora_dropout=args["lora_dropout"],
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(args["seed"])
+    model = get_peft_model(model, lora)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    total = args["warmup"] + args["steps"]
+    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
+    rows = [data[i] for i in epoch_order(len(data), args["seed"], 0)]
+
+    def collate(batch):
+        ids, mask, labels = _padded(batch, "cpu")
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    steps: list[dict[str, Any]] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            _sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            _sync()
+            steps.append({"seconds": time.perf_counter() - self.t})
+            PROFILER.step_done(len(steps))
+
+        def on_log(self, _args, state, control, logs=None, **k):
+            if logs and "loss" in logs and steps:
+                steps[-1]["loss"] = float(logs["loss"])
+
+    out = Path(tempfile.mkdtemp(prefix="qlora-bench-trainer-"))
+    training_args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args["batch"], gradient_accumulation_steps=1,
+        max_steps=total, learning_rate=args["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=args["max_grad_norm"], bf16=device == "cuda", gradient_checkpointing=True,
+        optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch", logging_steps=1, save_strategy="no",
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, seed=args["seed"],
+        disable_tqdm=True, use_cpu=device == "cpu")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = InOrder(model=model, args=training_args, train_dataset=rows, data_collator=collate,
+                      callbacks=[Timer()])
+    trainer.train()
+    for i, step in enumerate(steps):
+        step["tokens"] = sum(len(r) for r in rows[i * args["batch"]:(i + 1) * args["batch"]])
+        step.setdefault("loss", float("nan"))
+    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
+
+
 class _BenchTokenizer:
     """What the trainer asks of a tokenizer when the data is already token ids (nothing is exported)."""
 
@@ -304,6 +373,8 @@ def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Pat
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if name == "seed":
         result = run_seed(args, model_dir, device)
+    elif name == "seed-trainer":
+        result = run_seed_trainer(args, model_dir, device)
     else:
         result = run_qlora(args, model_dir, device, spec.get("set", []), spec.get("plugins", []))
     measured = result["steps"][args["warmup"]:] or result["steps"]

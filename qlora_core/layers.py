@@ -10,8 +10,8 @@ that it can also:
   layer's activations at a time, whatever the depth of the model;
 * **checkpoint only some layers**: layers left out keep their activations (no recomputation, faster), so a
   memory budget can buy speed layer by layer (:func:`layers_within_budget`);
-* **compile** (:func:`compile_layers`) each layer's own computation with ``torch.compile`` (the checkpointing and the copies stay
-  outside the compiled graph).
+* **compile** (:func:`compile_layers`) each layer's own computation with ``torch.compile`` (the checkpointing
+  and the copies stay outside the compiled graph).
 
 Off CUDA the offload is a no-op (the input is kept as it is) and the rest works the same, so the CPU tests run
 the same code.

@@ -31,7 +31,7 @@ def ragged_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "config.json").write_text(json.dumps(TINY))
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
-                 "--steps", "3", "--warmup", "1", "--variant", "seed", "--variant", "qlora",
+                 "--steps", "3", "--warmup", "1", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
                  "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
                  cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -41,12 +41,13 @@ def ragged_report(tmp_path_factory):
 def test_seed_and_qlora_train_the_same_maths_on_the_same_data(ragged_report):
     report, table = ragged_report
     by = {r["variant"]: r for r in report["results"]}
-    seed, ours, packed = by["seed"], by["qlora"], by["qlora+packing"]
-    for r in (seed, ours, packed):
+    seed, trainer, ours, packed = by["seed"], by["seed-trainer"], by["qlora"], by["qlora+packing"]
+    for r in (seed, trainer, ours, packed):
         assert "error" not in r, r
         assert len(r["losses"]) == 4 and r["tokens_per_second"] > 0 and r["median_step_seconds"] > 0
     # float32 on the CPU: the guide's code, qlora's loop and qlora's packed loop give the same losses
     assert ours["loss_max_abs_diff_vs_seed"] < 1e-4
+    assert trainer["loss_max_abs_diff_vs_seed"] < 1e-4  # transformers' Trainer, the same examples in order
     assert packed["loss_max_abs_diff_vs_seed"] < 1e-4
     assert ours["speedup_vs_seed"] == pytest.approx(ours["tokens_per_second"] / seed["tokens_per_second"])
     # ragged lengths: padding costs the padded path, not the packed one
