@@ -199,13 +199,10 @@ def _build(args: dict[str, Any], model_dir: Path, device: str):
     return model, dtype, time.perf_counter() - t0, allocated
 
 
-def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
-    """The guide's recipe, as its code is written (Quick Start and Workflow 1), for ``steps`` steps."""
-    import bitsandbytes as bnb
+def _seed_model(args: dict[str, Any], model_dir: Path, device: str):
+    """The built model prepared as the guide's code does it (checkpointing, k-bit preparation, all-linear LoRA)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from .trainer import epoch_order
 
     model, dtype, build_seconds, weights = _build(args, model_dir, device)
     model.gradient_checkpointing_enable()
@@ -213,7 +210,17 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
     lora = LoraConfig(r=args["r"], lora_alpha=2 * args["r"], lora_dropout=args["lora_dropout"],
                       target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(args["seed"])
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora), dtype, build_seconds, weights
+
+
+def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
+    """The guide's recipe, as its code is written (Quick Start and Workflow 1), for ``steps`` steps."""
+    import bitsandbytes as bnb
+    import torch
+
+    from .trainer import epoch_order
+
+    model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
         params, lr=args["learning_rate"], weight_decay=0.0)
@@ -248,18 +255,11 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
     with its ``TrainingArguments``: bf16, paged AdamW 8-bit, gradient checkpointing. The examples go in the
     same order as the other variants' (no shuffling)."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .trainer import epoch_order
 
-    model, dtype, build_seconds, weights = _build(args, model_dir, device)
-    model.gradient_checkpointing_enable()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=args["r"], lora_alpha=2 * args["r"], lora_dropout=args["lora_dropout"],
-                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(args["seed"])
-    model = get_peft_model(model, lora)
+    model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     vocab = model.get_output_embeddings().weight.shape[0]
     total = args["warmup"] + args["steps"]
     data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
