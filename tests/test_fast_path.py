@@ -214,3 +214,33 @@ def test_fused_lora_under_torch_compile_gives_peft_s_gradients(tiny_config, tmp_
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     for k in grads_ref:
         torch.testing.assert_close(got[k], grads_ref[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_the_memory_budget_keeps_the_activations_of_the_layers_that_fit(tiny_config, tmp_path, monkeypatch):
+    """train.gpu_memory_budget after the first step: from the measured peak (every layer recomputed) and one
+    layer's activations, the layers that fit stop being recomputed, and the run is told so. The CUDA memory
+    figures are stood in for on the CPU; the arithmetic and the switch are the trainer's own."""
+    from types import SimpleNamespace
+
+    from qlora_core.layers import layer_policy, layer_state
+
+    job = Job(tiny_config, overrides=["train.gpu_memory_budget=10"], output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    layers = layer_policy(model).layers
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 8 * gib)
+    cuda = SimpleNamespace(type="cuda")
+    assert job._start_budget(model, cuda) and layer_state(model).measure_next
+    layer_state(model).layer_activation_bytes = gib // 2  # what the first recomputation measured
+    notices = []
+    job.hook.qlora_on_notice = lambda run, message: notices.append(message)
+    job._apply_budget(SimpleNamespace(), model, cuda)
+    # 10 GiB x 0.9 - 8 GiB = 1 GiB of room: two layers of 0.5 GiB keep their activations
+    assert layer_policy(model).checkpointed == layers - 2
+    assert "2 of" in notices[0] and "keep their activations" in notices[0]
+    # no budget: nothing measured, nothing changed
+    plain = Job(tiny_config, output_dir=tmp_path / "plain")
+    plain.load_data()
+    assert not plain._start_budget(plain.load_model(), cuda)
