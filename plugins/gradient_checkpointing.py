@@ -14,14 +14,13 @@ from qlora_core import hookimpl
 
 @hookimpl
 def qlora_prepare_model(model, config) -> None:
+    from qlora_core.config import auto_on
     from qlora_core.layers import checkpoint_layers
 
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
-    offload = config["train.activation_offload"]
-    if offload == "auto":
-        offload = any(p.is_cuda for p in model.parameters())
-    if checkpoint_layers(model, offload=bool(offload)):
+    offload = auto_on(config["train.activation_offload"], any(p.is_cuda for p in model.parameters()))
+    if checkpoint_layers(model, offload=offload):
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
         return

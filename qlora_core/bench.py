@@ -109,18 +109,11 @@ def make_sequences(n: int, seq: int, vocab: int, seed: int, min_len: int | None 
     return out
 
 
-def _padded(rows: list[list[int]], device: str):
-    """Right-padded ids, attention mask and labels (-100 on padding) of a seed-recipe batch."""
-    import torch
+def _padded(rows: list[list[int]], device: str) -> dict[str, Any]:
+    """A seed-recipe batch: the rows right-padded by :func:`qlora_core.data.collate`, every real token a label."""
+    from .data import TokenizedExample, collate
 
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids.to(device), mask.to(device), labels.to(device)
+    return {k: v.to(device) for k, v in collate([TokenizedExample(r, list(r)) for r in rows], 0).items()}
 
 
 # --------------------------------------------------------------------------- one variant (worker process)
@@ -233,11 +226,11 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
     model.train()
     steps = []
     for step in range(total):
-        ids, mask, labels = _padded([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device)
+        batch = _padded([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device)
         _sync()
         t = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
         optimizer.step()
@@ -245,7 +238,8 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
         loss = float(out.loss)
         del out
         _sync()
-        steps.append({"loss": loss, "seconds": time.perf_counter() - t, "tokens": int(mask.sum())})
+        steps.append({"loss": loss, "seconds": time.perf_counter() - t,
+                      "tokens": int(batch["attention_mask"].sum())})
         PROFILER.step_done(step + 1)
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
 
@@ -264,10 +258,6 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
     total = args["warmup"] + args["steps"]
     data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
     rows = [data[i] for i in epoch_order(len(data), args["seed"], 0)]
-
-    def collate(batch):
-        ids, mask, labels = _padded(batch, "cpu")
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *a, **k):
@@ -299,7 +289,8 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
         disable_tqdm=True, use_cpu=device == "cpu")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = InOrder(model=model, args=training_args, train_dataset=rows, data_collator=collate,
+    trainer = InOrder(model=model, args=training_args, train_dataset=rows,
+                      data_collator=lambda batch: _padded(batch, "cpu"),
                       callbacks=[Timer()])
     trainer.train()
     for i, step in enumerate(steps):

@@ -123,6 +123,11 @@ class Option:
         return None
 
 
+def auto_on(value: bool | str, default: bool) -> bool:
+    """An ``auto_bool`` option's value as a decision: ``default`` for ``"auto"`` (e.g. "on CUDA")."""
+    return default if value == "auto" else bool(value)
+
+
 def _positive_or_minus_one(value: int) -> str | None:
     return None if value == -1 or value > 0 else f"must be a positive number of steps or -1 for none (got {value})"
 

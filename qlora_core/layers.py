@@ -249,12 +249,20 @@ class LayerPolicy:
         return ", ".join(parts)
 
 
+def layer_state(model) -> "_State | None":
+    """The state the model's wrapped decoder layers share (on the model, or on the base under a PEFT wrapper)."""
+    state = getattr(model, "_qlora_layer_state", None)
+    if state is None and hasattr(model, "get_base_model"):
+        state = getattr(model.get_base_model(), "_qlora_layer_state", None)
+    return state
+
+
 def _wrapped_layers(model) -> list:
     """The decoder layers, each given the dispatching forward of :func:`_wrap` (once)."""
     layers = decoder_layers(model)
     if not layers:
         return []
-    state = getattr(model, "_qlora_layer_state", None) or _State(offload=False)
+    state = layer_state(model) or _State(offload=False)
     model._qlora_layer_state = state
     for i, layer in enumerate(layers):
         if getattr(layer, "_qlora_state", None) is not state:
@@ -270,7 +278,7 @@ def checkpoint_layers(model, offload: bool = False) -> bool:
     layers = _wrapped_layers(model)
     if not layers:
         return False
-    model._qlora_layer_state.offload = offload
+    layer_state(model).offload = offload
     for layer in layers:
         layer._qlora_checkpoint = True
     return True
@@ -289,9 +297,7 @@ def compile_layers(model) -> bool:
 
 def layer_policy(model) -> LayerPolicy | None:
     """What the decoder layers do now (None if they were never configured)."""
-    state = getattr(model, "_qlora_layer_state", None)
-    if state is None and hasattr(model, "get_base_model"):
-        state = getattr(model.get_base_model(), "_qlora_layer_state", None)
+    state = layer_state(model)
     layers = decoder_layers(model)
     if state is None or not layers:
         return None
@@ -300,13 +306,6 @@ def layer_policy(model) -> LayerPolicy | None:
                    for layer in layers)
     return LayerPolicy(layers=len(layers), checkpointed=checkpointed, offload=state.offload and checkpointed > 0,
                        compiled=compiled)
-
-
-def layer_state(model) -> "_State | None":
-    state = getattr(model, "_qlora_layer_state", None)
-    if state is None and hasattr(model, "get_base_model"):
-        state = getattr(model.get_base_model(), "_qlora_layer_state", None)
-    return state
 
 
 def set_checkpointed_layers(model, count: int) -> None:

@@ -722,6 +722,8 @@ OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw": 8}
 
 def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,
               supports_checkpointing: bool) -> tuple[Settings, list[str]]:
+    from .config import auto_on
+
     notes: list[str] = []
     names = plugins.names()
     optimizers = plugins.implementers("qlora_optimizer")
@@ -756,7 +758,7 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         # The trainer's own loop on one GPU: head and loss fused (under FSDP or DDP the wrapper computes every logit),
         # checkpointed inputs offloaded to CPU memory (train.activation_offload's auto is on for CUDA).
         fused_loss=bool(config["train.fused_cross_entropy"]) and loss == "qlora" and gpus == 1,
-        offload=config["train.activation_offload"] is not False,
+        offload=auto_on(config["train.activation_offload"], True),
     ), notes
 
 

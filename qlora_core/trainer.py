@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import __version__
-from .config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides, parse_overrides,
+from .config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, merge_overrides, parse_overrides,
                      read_config_file, requested_plugins)
 from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
                    padding_waste, real_tokens, token_budget_batches, tokenize_rows)
@@ -483,15 +483,12 @@ class Job:
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
-        fused = cfg["train.fused_lora"]
-        if fused is True or (fused == "auto" and self.device == "cuda"):
+        cuda = self.device == "cuda"
+        if auto_on(cfg["train.fused_lora"], cuda):
             from .lora_fused import fuse_lora_layers
 
             fuse_lora_layers(self.model)
-        compile_ = cfg["train.compile"]
-        if compile_ == "auto":
-            compile_ = self.device == "cuda"
-        if compile_:
+        if auto_on(cfg["train.compile"], cuda):
             from .layers import compile_layers
 
             compile_layers(self.model)
@@ -619,8 +616,8 @@ class Job:
         mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
         counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
         if self.config["train.packing"]:
-            return (f"packing: each micro-batch of {mb} examples is one row without padding; padded micro-batches "
-                    f"would be {share} padding ({counts})")
+            return (f"packing: micro-batches are rows of up to {mb} x train.max_seq_length tokens without padding; "
+                    f"padded micro-batches of {mb} would be {share} padding ({counts})")
         return (f"padding: {share} of the tokens in micro-batches of {mb} are padding ({counts}); "
                 f"train.packing=true would compute only the {waste['real_tokens']:,} real ones")
 
