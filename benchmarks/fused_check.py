@@ -4,7 +4,7 @@ forward values and gradients, printed as one JSON object (max abs / relative dif
 * the output head + cross-entropy: liger-kernel's fused kernel and qlora's chunked PyTorch function vs
   ``F.cross_entropy(hidden @ W.T)`` (bf16 inputs, Llama-3 vocabulary);
 * liger-kernel's RMSNorm, RoPE and SwiGLU (the ``liger-kernels`` plugin) vs transformers' own Llama layer;
-* qlora's checkpointing with CPU offload (``qlora_core.layers``), torch.compile of the layers and the fused
+* qlora's checkpointing with CPU offload and lean recomputation (``qlora_core.layers``), torch.compile of the layers and the fused
   4-bit + LoRA function (``qlora_core.lora_fused``) vs plain layers and PEFT's LoRA forward: loss and every
   LoRA gradient of a 4-bit model.
 
@@ -97,12 +97,14 @@ def check_layers(results: dict) -> None:
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
     folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")
-    variants = {}
+    variants, lean_status = {}, {}
     for name, ckpt, offload, comp, fused in (("plain", False, False, False, False),
                                              ("plain_again", False, False, False, False),
                                              ("checkpointed", True, False, False, False),
                                              ("checkpointed_offloaded", True, True, False, False),
                                              ("checkpointed_offloaded_compiled", True, True, True, False),
+                                             ("checkpointed_lean", True, False, False, False),
+                                             ("checkpointed_offloaded_compiled_lean", True, True, True, False),
                                              ("fused_lora", False, False, False, True),
                                              ("fused_lora_checkpointed_offloaded_compiled", True, True, True, True)):
         # No dropout: compiled code draws its dropout masks differently from eager code, so with dropout the
@@ -113,7 +115,7 @@ def check_layers(results: dict) -> None:
         job.tokenizer = type("T", (), {"pad_token_id": 0})()
         model = job.load_model(base=build_direct(folder, "cuda", torch.bfloat16, seed=0))
         if ckpt:
-            checkpoint_layers(model, offload=offload)
+            checkpoint_layers(model, offload=offload, lean="lean" in name)
         else:
             set_checkpointed_layers(model, 0)
         if comp:
@@ -130,6 +132,16 @@ def check_layers(results: dict) -> None:
             loss, _ = _token_loss_sum(model, batch)
         loss.backward()
         torch.cuda.synchronize()
+        if "lean" in name:  # the first backward checked the lean recomputation; a second one uses it
+            from qlora_core.layers import layer_policy
+
+            lean_ok = layer_policy(model).lean
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = _token_loss_sum(model, batch)
+            loss.backward()
+            torch.cuda.synchronize()
+            lean_status[name] = lean_ok
         variants[name] = (loss.detach().float(), {k: p.grad.float().clone() for k, p in model.named_parameters()
                                                   if p.requires_grad})
         del model, job
@@ -141,8 +153,11 @@ def check_layers(results: dict) -> None:
              "all_grads_nonzero": all(bool(grads[k].abs().sum() > 0) for k in grads if "lora_B" in k)}
         # checkpointing replays the same bf16 maths: exact up to the run-to-run noise of the GPU kernels
         # ("plain_again" measures it); compiled kernels and the fused LoRA function round differently (bf16 noise)
-        tol = 5e-2 if ("compiled" in name or "fused" in name or "offloaded" in name) else 1e-6
+        tol = 5e-2 if ("compiled" in name or "fused" in name or "offloaded" in name or "lean" in name) else 1e-6
         r["ok"] = r["loss"]["rel"] < max(tol, 1e-6) and r["worst_grad_rel"] <= tol and r["all_grads_nonzero"]
+        if name in lean_status:  # the lean recomputation must have passed its own check, and been used
+            r["lean_check_passed"] = lean_status[name]
+            r["ok"] = r["ok"] and lean_status[name] is True
         results[name] = r
 
 

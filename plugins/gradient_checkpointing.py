@@ -4,7 +4,8 @@ On by default; ``--plugin no:gradient-checkpointing`` trades memory for speed. T
 qlora's own checkpointing (:mod:`qlora_core.layers`), which on CUDA also offloads the layers' saved inputs to
 CPU memory asynchronously (``train.activation_offload``), and under ``train.gpu_memory_budget`` recomputes only
 as many layers as the budget requires. Models whose decoder layers cannot be found use transformers' own
-(non-reentrant) checkpointing.
+(non-reentrant) checkpointing. The recomputation skips the forward matmul of each layer's output projection,
+whose value backward never reads (``train.lean_recompute``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def qlora_prepare_model(model, config) -> None:
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     offload = auto_on(config["train.activation_offload"], any(p.is_cuda for p in model.parameters()))
-    if checkpoint_layers(model, offload=offload):
+    if checkpoint_layers(model, offload=offload, lean=config["train.lean_recompute"]):
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
         return

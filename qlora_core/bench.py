@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                          "set": ["train.fused_cross_entropy=false"]},
     "qlora+fused-lora": {"help": "the fused 4-bit + LoRA function instead of PEFT's LoRA forward",
                          "set": ["train.fused_lora=true"]},
+    "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
+                             "set": ["train.lean_recompute=false"]},
     "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},
@@ -66,7 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "set": ["train.gpu_memory_budget=40"]},
 }
 ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora+fused-lora",
-             "qlora-compile",
+             "qlora-lean-recompute", "qlora-compile",
              "qlora-offload", "qlora+budget")
 
 

@@ -222,6 +222,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.activation_offload", "auto_bool", "auto",
            "with gradient checkpointing: copy each layer's saved input to CPU memory while the next layers "
            "compute, and back before its backward (auto: on CUDA)"),
+    Option("train.lean_recompute", "bool", True,
+           "with gradient checkpointing: skip the forward matmul of each layer's output projection (MLP down "
+           "projection) in the recomputation, since backward never reads its output; checked against the full "
+           "recomputation on the first backward"),
     Option("train.gpu_memory_budget", "float", 0.0,
            "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
            "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),

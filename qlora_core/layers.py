@@ -11,7 +11,12 @@ that it can also:
 * **checkpoint only some layers**: layers left out keep their activations (no recomputation, faster), so a
   memory budget can buy speed layer by layer (:func:`layers_within_budget`);
 * **compile** (:func:`compile_layers`) each layer's own computation with ``torch.compile`` (the checkpointing
-  and the copies stay outside the compiled graph).
+  and the copies stay outside the compiled graph);
+* **recompute leanly**: the layer's output projection (the MLP's down projection) feeds only the residual sum
+  that is the layer's output, and backward never reads that sum's value. So the recomputation skips its
+  forward matmul (about a quarter of a Llama layer's forward FLOPs) and keeps only its backward. The first
+  backward pass checks this on the real model: the lean recomputation, with the skipped output filled with
+  NaN, must give the full recomputation's gradients, or the model keeps the full one.
 
 Off CUDA the offload is a no-op (the input is kept as it is) and the rest works the same, so the CPU tests run
 the same code.
@@ -19,6 +24,7 @@ the same code.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +111,154 @@ class _State:
         self.saved: dict[int, Any] = {}  # layer index -> saved input (on the GPU, or (cpu buffer, device))
         self.measure_next = False
         self.layer_activation_bytes: int | None = None
+        # Lean recomputation: wanted (option), whether the check on the first backward passed (None: not run
+        # yet), and the flags the output projections read while a layer is being recomputed.
+        self.lean = False
+        self.lean_ok: bool | None = None
+        self.lean_active = False
+        self.lean_fill_nan = False
+        self.output_projections = 0
+        self.layers: dict[int, Any] = {}  # layer index -> the decoder layer (for the lean check's parameters)
+
+
+#: Names of a decoder layer's output projection: the MLP's last linear, whose output only joins the residual.
+OUTPUT_PROJECTIONS = ("down_proj", "fc2", "w2", "dense_4h_to_h")
+
+
+#: The 4-bit output projections marked for lean recomputation, by their packed weight's address: the custom op's
+#: backward finds the quantization state there (an op's arguments can only be tensors and plain values).
+_MARKED: dict[int, Any] = {}
+
+
+def _quant_state_of(weight):
+    """The bitsandbytes quantization state of a marked 4-bit weight (None for a plain weight)."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        return state
+    ref = _MARKED.get(weight.data_ptr())
+    module = ref() if ref is not None else None
+    if module is None or module.weight.data_ptr() != weight.data_ptr():  # moved since it was marked: look again
+        _MARKED.clear()
+        for m in list(_MARKED_MODULES):
+            _MARKED[m.weight.data_ptr()] = weakref.ref(m)
+        ref = _MARKED.get(weight.data_ptr())
+        module = ref() if ref is not None else None
+    if module is None:
+        return None
+    return getattr(module.weight, "quant_state", None)
+
+
+_MARKED_MODULES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_OPS: Any = None
+
+
+def _grad_only_ops():
+    """Two custom ops (opaque to torch.compile, which traces the layers around them without a graph break):
+    ``qlora::grad_only_linear`` allocates a frozen linear layer's output without computing it, and its
+    backward, ``qlora::grad_only_linear_input_grad``, computes the input gradient ``dy @ W`` (W dequantized
+    when 4-bit)."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    import torch
+
+    @torch.library.custom_op("qlora::grad_only_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, int out_features, bool fill_nan) -> Tensor")
+    def grad_only_linear(x, weight, out_features, fill_nan):
+        shape = (*x.shape[:-1], out_features)
+        if fill_nan:
+            return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    @grad_only_linear.register_fake
+    def _(x, weight, out_features, fill_nan):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.custom_op("qlora::grad_only_linear_input_grad", mutates_args=(),
+                             schema="(Tensor dy, Tensor weight, int in_features) -> Tensor")
+    def input_grad(dy, weight, in_features):
+        quant_state = _quant_state_of(weight)
+        if quant_state is not None:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(weight, quant_state).to(dy.dtype)
+        else:
+            w = weight.to(dy.dtype)
+        return (dy.reshape(-1, dy.shape[-1]) @ w).view(*dy.shape[:-1], in_features)
+
+    @input_grad.register_fake
+    def _(dy, weight, in_features):
+        return dy.new_empty((*dy.shape[:-1], in_features))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.in_features = inputs[0].shape[-1]
+
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return torch.ops.qlora.grad_only_linear_input_grad(dy, weight, ctx.in_features), None, None, None
+
+    grad_only_linear.register_autograd(backward, setup_context=setup_context)
+    _OPS = grad_only_linear
+    return _OPS
+
+
+def _grad_only(module, x, fill_nan: bool):
+    """``module``'s output, allocated but not computed, with the backward of the real layer (its bias, frozen,
+    changes no gradient)."""
+    op = _grad_only_ops()
+    compute = getattr(module, "compute_dtype", None) or x.dtype
+    return op(x.to(compute), module.weight, module.out_features, fill_nan).to(x.dtype)
+
+
+def _lean_capable(module) -> bool:
+    """A frozen linear layer whose backward :func:`_grad_only` can do: a bitsandbytes 4-bit one with its
+    quantization state, or a plain one (not an FSDP flat parameter)."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear) or weight is None or weight.requires_grad:
+        return False
+    if type(weight).__name__ == "FlatParameter" or hasattr(module, "_hf_hook"):  # FSDP; accelerate's offload
+        return False
+    if type(weight).__name__ == "Params4bit":
+        return getattr(weight, "quant_state", None) is not None
+    return weight.dim() == 2 and tuple(weight.shape) == (module.out_features, module.in_features)
+
+
+def _mark_output_projection(module, state: _State) -> None:
+    """Give the frozen linear ``module`` a forward that, during a lean recomputation, only builds the backward
+    (its bias, frozen, does not change any gradient either)."""
+    if getattr(module, "_qlora_lean_state", None) is not None:
+        module._qlora_lean_state = state
+        return
+    _grad_only_ops()  # registered now: torch.compile cannot trace the registration
+    original = module.forward
+    module._qlora_lean_state = state
+    _MARKED_MODULES.add(module)
+    _MARKED[module.weight.data_ptr()] = weakref.ref(module)
+
+    def forward(x, *args, **kwargs):
+        lean_state = module._qlora_lean_state
+        if lean_state.lean_active and not args and not kwargs:
+            return _grad_only(module, x, lean_state.lean_fill_nan)
+        return original(x, *args, **kwargs)
+
+    module.forward = forward
+
+
+def _output_projections(layer) -> list:
+    """The frozen base linears of ``layer``'s output projections (under PEFT's LoRA wrapper, its base layer)."""
+    import torch
+
+    found = []
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] not in OUTPUT_PROJECTIONS:
+            continue
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear):
+            found.append(base)
+    return found
 
 
 def _checkpoint_function():
@@ -135,15 +289,11 @@ def _checkpoint_function():
                 state.offloader.prefetch(index - 1, state.saved[index - 1])
             tensors = ctx.saved_tensors
             hidden = hidden.detach().requires_grad_(True)
+            if state.lean and state.output_projections and state.lean_ok is None:
+                return (_check_lean(ctx, state, hidden, grad_out), None, None, None) + (None,) * len(tensors)
             measure = state.measure_next and hidden.is_cuda
             before = torch.cuda.memory_allocated(hidden.device) if measure else 0
-            with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else [],
-                                       device_type=hidden.device.type):
-                torch.set_rng_state(ctx.rng_cpu)
-                if ctx.rng_cuda is not None:
-                    torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
-                with torch.enable_grad(), _autocast(hidden.device.type, ctx.autocast):
-                    out = ctx.run(hidden, *tensors)
+            out = _recompute(ctx, hidden, lean=bool(state.lean and state.lean_ok and not measure))
             if measure:  # what this layer keeps for backward when it is not checkpointed
                 state.layer_activation_bytes = torch.cuda.memory_allocated(hidden.device) - before
                 state.measure_next = False
@@ -151,6 +301,51 @@ def _checkpoint_function():
             return (hidden.grad, None, None, None) + (None,) * len(tensors)
 
     return CheckpointedLayer
+
+
+def _recompute(ctx, hidden, lean: bool, fill_nan: bool = False):
+    """Run the layer again, recording its graph, with the RNG state and autocast of its first run; ``lean``:
+    the output projections only build their backward."""
+    import torch
+
+    state = ctx.state
+    with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else [], device_type=hidden.device.type):
+        torch.set_rng_state(ctx.rng_cpu)
+        if ctx.rng_cuda is not None:
+            torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
+        state.lean_active, state.lean_fill_nan = lean, fill_nan
+        try:
+            with torch.enable_grad(), _autocast(hidden.device.type, ctx.autocast):
+                return ctx.run(hidden, *ctx.saved_tensors)
+        finally:
+            state.lean_active = state.lean_fill_nan = False
+
+
+def _check_lean(ctx, state: _State, hidden, grad_out):
+    """The first lean recomputation, checked: the gradients of the full recomputation (input and this layer's
+    parameters) against the lean one's with the skipped outputs filled with NaN. If any differs or is not
+    finite, the model keeps the full recomputation. Then the layer's backward runs as usual."""
+    import torch
+
+    layer = state.layers.get(ctx.index)
+    params = [p for p in layer.parameters() if p.requires_grad] if layer is not None else []
+    inputs = [hidden, *params]
+    full = torch.autograd.grad(_recompute(ctx, hidden, lean=False), inputs, grad_out, allow_unused=True)
+    lean = torch.autograd.grad(_recompute(ctx, hidden, lean=True, fill_nan=True), inputs, grad_out,
+                               allow_unused=True)
+    ok = True
+    for a, b in zip(full, lean):
+        if (a is None) != (b is None):
+            ok = False
+        elif a is not None:
+            a32, b32 = a.float(), b.float()
+            scale = a32.abs().max().clamp_min(1e-30)
+            if not bool(torch.isfinite(b32).all()) or float((a32 - b32).abs().max() / scale) > 0.05:
+                ok = False
+    state.lean_ok = ok
+    del full, lean
+    torch.autograd.backward(_recompute(ctx, hidden, lean=ok), grad_out)
+    return hidden.grad
 
 
 def _autocast_state(device_type: str):
@@ -186,6 +381,7 @@ def _wrap(layer, index: int, state: _State) -> None:
         layer._qlora_original_forward = layer.forward
         layer._qlora_inner = layer._qlora_original_forward
     layer._qlora_state = state
+    state.layers[index] = layer
 
     def forward(hidden_states, *args, **kwargs):
         # The compiled forward is for training; generation (KV cache, one token at a time) runs the plain one.
@@ -239,11 +435,15 @@ class LayerPolicy:
     checkpointed: int
     offload: bool
     compiled: bool
+    lean: bool | None = False  # lean recomputation: wanted and not yet checked (None), passed, or not used
 
     def describe(self) -> str:
         parts = [f"{self.checkpointed} of {self.layers} decoder layers recomputed in backward"]
         if self.checkpointed and self.offload:
             parts.append("their inputs offloaded to CPU memory asynchronously")
+        if self.checkpointed and self.lean is not False:
+            parts.append("the output projections' forward skipped in the recomputation"
+                         + (" (checked on the first backward)" if self.lean is None else ""))
         if self.compiled:
             parts.append("each layer compiled")
         return ", ".join(parts)
@@ -272,16 +472,35 @@ def _wrapped_layers(model) -> list:
     return layers
 
 
-def checkpoint_layers(model, offload: bool = False) -> bool:
-    """Recompute every decoder layer in the backward pass, its input kept (or offloaded when ``offload``).
-    False when the model's decoder layers cannot be found (the caller falls back to transformers' own)."""
+def checkpoint_layers(model, offload: bool = False, lean: bool = False) -> bool:
+    """Recompute every decoder layer in the backward pass, its input kept (or offloaded when ``offload``);
+    ``lean``: the output projections only build their backward in the recomputation (checked on the first
+    backward). False when the model's decoder layers cannot be found (the caller falls back to transformers'
+    own)."""
     layers = _wrapped_layers(model)
     if not layers:
         return False
-    layer_state(model).offload = offload
+    state = layer_state(model)
+    state.offload = offload
+    state.lean, state.lean_ok = lean, None
+    count = 0
     for layer in layers:
         layer._qlora_checkpoint = True
+        if lean:
+            for module in _output_projections(layer):
+                if _lean_capable(module):
+                    _mark_output_projection(module, state)
+                    count += 1
+    state.output_projections = count
     return True
+
+
+def disable_lean_recompute(model) -> None:
+    """Recompute the output projections in full (FSDP: the checked first backward would run the wrapped
+    layers three times)."""
+    state = layer_state(model)
+    if state is not None:
+        state.lean = False
 
 
 def compile_layers(model) -> bool:
@@ -304,8 +523,9 @@ def layer_policy(model) -> LayerPolicy | None:
     checkpointed = sum(bool(getattr(layer, "_qlora_checkpoint", False)) for layer in layers)
     compiled = any(getattr(layer, "_qlora_inner", None) is not getattr(layer, "_qlora_original_forward", None)
                    for layer in layers)
+    lean = state.lean_ok if state.lean and state.output_projections else False
     return LayerPolicy(layers=len(layers), checkpointed=checkpointed, offload=state.offload and checkpointed > 0,
-                       compiled=compiled)
+                       compiled=compiled, lean=lean)
 
 
 def set_checkpointed_layers(model, count: int) -> None:

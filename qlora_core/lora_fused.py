@@ -99,7 +99,9 @@ def _fused_forward(layer):
         # generation keep PEFT's forward and bitsandbytes' inference kernels.
         if (args or kwargs or not layer.training or layer.disable_adapters
                 or layer.merged or len(active) != 1 or active[0] in getattr(layer, "lora_variant", {})
-                or (compute is not None and x.dtype != compute) or getattr(base.weight, "quant_state", None) is None):
+                or (compute is not None and x.dtype != compute) or getattr(base.weight, "quant_state", None) is None
+                or getattr(getattr(base, "_qlora_lean_state", None), "lean_active", False)):
+            # (a lean recomputation of an output projection: PEFT's forward, whose base only builds its backward)
             return original(x, *args, **kwargs)
         if _FUNCTION is None:
             _FUNCTION = _function()

@@ -244,3 +244,129 @@ def test_the_memory_budget_keeps_the_activations_of_the_layers_that_fit(tiny_con
     plain = Job(tiny_config, output_dir=tmp_path / "plain")
     plain.load_data()
     assert not plain._start_budget(plain.load_model(), cuda)
+
+
+def _count_grad_only(monkeypatch) -> list:
+    from qlora_core import layers
+
+    calls = []
+    original = layers._grad_only
+
+    def counting(module, x, fill_nan):
+        calls.append(fill_nan)
+        return original(module, x, fill_nan)
+
+    monkeypatch.setattr(layers, "_grad_only", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_recompute_skips_the_output_projections_with_the_same_gradients(tiny_config, tmp_path, monkeypatch,
+                                                                            dropout):
+    """train.lean_recompute (the default): the first backward checks the lean recomputation against the full one
+    (NaN in the skipped outputs), then every later recomputation skips the down projections' forward matmul;
+    losses and adapter gradients stay those of no checkpointing at all."""
+    from qlora_core.data import collate
+    from qlora_core.layers import layer_policy, layer_state, set_checkpointed_layers
+
+    calls = _count_grad_only(monkeypatch)
+    cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
+    job = Job(cfg, output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    model.train()
+    n_layers = layer_policy(model).layers
+    assert layer_policy(model).lean is None and layer_state(model).output_projections == n_layers
+    assert "checked on the first backward" in layer_policy(model).describe()
+    for name, p in model.named_parameters():  # adapters away from their zero init, so every gradient is tested
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+
+    def run():
+        torch.manual_seed(5)
+        return _loss_and_grads(job, model, batch)
+
+    loss_checked, grads_checked = run()
+    assert layer_policy(model).lean is True
+    # The check on the first layer to run backward (the last one): a NaN-filled lean recomputation, then its
+    # backward leanly; then the other layers leanly.
+    assert calls == [True, False] + [False] * (n_layers - 1)
+    calls.clear()
+    loss_lean, grads_lean = run()
+    assert calls == [False] * n_layers  # every layer's down projection skipped, once
+    calls.clear()
+    set_checkpointed_layers(model, 0)
+    loss_plain, grads_plain = run()
+    assert not calls
+    for loss, grads in ((loss_checked, grads_checked), (loss_lean, grads_lean)):
+        torch.testing.assert_close(loss, loss_plain)
+        for k in grads_plain:
+            torch.testing.assert_close(grads[k], grads_plain[k], msg=k)
+    assert all(g.abs().sum() > 0 for k, g in grads_lean.items() if "down_proj" in k)
+
+    off = Job(tiny_config, overrides=["train.lean_recompute=false"], output_dir=tmp_path / "off")
+    off.load_data()
+    off_model = off.load_model()
+    off_model.train()
+    _loss_and_grads(off, off_model, batch)
+    assert layer_policy(off_model).lean is False and not calls
+
+
+def test_lean_recompute_is_refused_where_backward_reads_the_skipped_output(tiny_config, tmp_path, monkeypatch):
+    """A projection whose output backward does read (here o_proj: the attention output feeds the next norm)
+    fails the first backward's check: the model keeps the full recomputation and the right gradients."""
+    from qlora_core import layers
+    from qlora_core.data import collate
+    from qlora_core.layers import layer_policy, set_checkpointed_layers
+
+    monkeypatch.setattr(layers, "OUTPUT_PROJECTIONS", ("o_proj",))
+    calls = _count_grad_only(monkeypatch)
+    job = Job(tiny_config, output_dir=tmp_path / "run")
+    job.load_data()
+    model = job.load_model()
+    model.train()
+    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+    loss_checked, grads_checked = _loss_and_grads(job, model, batch)
+    assert layer_policy(model).lean is False and calls  # checked, and refused
+    calls.clear()
+    loss_again, grads_again = _loss_and_grads(job, model, batch)
+    assert not calls
+    set_checkpointed_layers(model, 0)
+    loss_plain, grads_plain = _loss_and_grads(job, model, batch)
+    for loss, grads in ((loss_checked, grads_checked), (loss_again, grads_again)):
+        torch.testing.assert_close(loss, loss_plain)
+        for k in grads_plain:
+            torch.testing.assert_close(grads[k], grads_plain[k], msg=k)
+
+
+def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_config, tmp_path):
+    """The skipped projection is a custom op torch.compile traces through (a graph break there once made the GPU
+    hand the eager code a flattened view); gradients stay those of the uncompiled full recomputation."""
+    from torch._dynamo.utils import counters
+
+    from qlora_core.data import collate
+    from qlora_core.layers import layer_policy
+
+    def grads(overrides):
+        job = Job(tiny_config, overrides=overrides, output_dir=tmp_path / str(len(overrides)))
+        job.load_data()
+        model = job.load_model()
+        model.train()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+        _loss_and_grads(job, model, batch)  # the first backward checks the lean recomputation
+        return _loss_and_grads(job, model, batch), layer_policy(model).lean
+
+    (loss_ref, grads_ref), _ = grads(["train.compile=false", "train.lean_recompute=false"])
+    torch._dynamo.reset()
+    counters.clear()
+    (loss, got), lean = grads(["train.compile=true", "train.lean_recompute=true"])
+    assert lean is True
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
+    for k in grads_ref:
+        torch.testing.assert_close(got[k], grads_ref[k], rtol=1e-3, atol=1e-5, msg=k)
