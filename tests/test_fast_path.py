@@ -370,3 +370,18 @@ def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_con
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     for k in grads_ref:
         torch.testing.assert_close(got[k], grads_ref[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_fused_lora_on_cuda_turns_the_auto_compile_off_and_refuses_an_explicit_one(tiny_config, tmp_path,
+                                                                                    monkeypatch):
+    """On the H200 the fused function broke compiled layers (flattened input at its graph break), so on CUDA an
+    explicit train.fused_lora wins over compile's auto, and both explicit is one config error."""
+    from qlora_core import trainer
+    from qlora_core.config import ConfigError
+
+    monkeypatch.setattr(trainer, "pick_device", lambda: "cuda")
+    job = Job(tiny_config, overrides=["train.fused_lora=true"], output_dir=tmp_path / "a")
+    assert job.config["train.compile"] is False
+    assert Job(tiny_config, output_dir=tmp_path / "b").config["train.compile"] == "auto"  # not asked: unchanged
+    with pytest.raises(ConfigError, match="train.fused_lora and train.compile"):
+        Job(tiny_config, overrides=["train.fused_lora=true", "train.compile=true"], output_dir=tmp_path / "c")
