@@ -199,8 +199,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.save_total_limit", "int", -1, "keep only this many newest checkpoints (-1: all)",
            check=_positive_or_minus_one),
     Option("train.packing", "bool", False,
-           "padding-free batches: examples in one row of up to per_device_train_batch_size x max_seq_length "
-           "tokens, attention kept within each example"),
+           "padding-free batches: micro-batches of up to per_device_train_batch_size x max_seq_length tokens, "
+           "packed into rows of up to max_seq_length tokens, attention kept within each example"),
     Option("train.auto_find_batch_size", "bool", False,
            "on running out of GPU memory, halve the micro-batch and double gradient accumulation, and go on"),
     Option("train.seed", "int", 42, "random seed for data order, adapters and dropout"),

@@ -132,27 +132,67 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> "dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_packed(batch: Sequence[TokenizedExample]) -> "dict[str, torch.Tensor]":
-    """Concatenate a micro-batch into one row with no padding (padding-free packing).
+def pack_rows(batch: Sequence[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:
+    """Examples into rows of at most ``capacity`` tokens: first fit, longest first (an example longer than
+    ``capacity`` gets a row of its own). Rows keep the examples' order among equals, so packing is deterministic."""
+    order = sorted(range(len(batch)), key=lambda i: -len(batch[i].input_ids))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = len(batch[i].input_ids)
+        for r, used in enumerate(fill):
+            if used + n <= capacity:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    return [[batch[i] for i in sorted(row)] for row in rows]
+
+
+def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = None,
+                   pad_token_id: int = 0) -> "dict[str, torch.Tensor]":
+    """Padding-free packing: the micro-batch's examples concatenated into one row, or with ``row_tokens`` into
+    rows of at most that many tokens (:func:`pack_rows`).
 
     ``position_ids`` restart at 0 for every example: the attention implementations read the example
-    boundaries from them (see :func:`qlora_core.trainer.check_packed_attention`). The first label of every
-    example is masked, so no example's first token is predicted from the previous example's last one; the
+    boundaries from them (see :func:`qlora_core.trainer.check_packed_attention`), so attention stays within
+    each example and costs what the examples alone would, not the square of a long row. The first label of
+    every example is masked, so no example's first token is predicted from the previous example's last one; the
     padded path never predicts it either (a row's first label has no prediction), so both paths compute the
     same loss over the same answer tokens. There is no ``attention_mask``: with one, transformers would not
-    look for packed sequences and would let the examples attend to each other.
+    look for packed sequences and would let the examples attend to each other. Rows shorter than the longest
+    end with a filler segment of ``pad_token_id`` (positions from 0, no labels): a sequence of its own that
+    no example attends to. ``real_token_count`` is the examples' tokens, fillers left out.
     """
     import torch
 
-    ids = torch.tensor([t for x in batch for t in x.input_ids], dtype=torch.long)
-    labels = torch.tensor([t for x in batch for t in x.labels], dtype=torch.long)
-    positions = torch.cat([torch.arange(len(x.input_ids), dtype=torch.long) for x in batch])
-    labels[positions == 0] = IGNORE_INDEX
-    return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+    rows = [list(batch)] if row_tokens is None else pack_rows(batch, row_tokens)
+    width = max(sum(len(x.input_ids) for x in row) for row in rows)
+    ids, labels, positions = [], [], []
+    for row in rows:
+        row_ids = [t for x in row for t in x.input_ids]
+        row_labels = [t for x in row for t in x.labels]
+        row_pos = [p for x in row for p in range(len(x.input_ids))]
+        filler = width - len(row_ids)
+        ids.append(row_ids + [pad_token_id] * filler)
+        labels.append(row_labels + [IGNORE_INDEX] * filler)
+        row_pos += list(range(filler))
+        positions.append(row_pos)
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    positions_t = torch.tensor(positions, dtype=torch.long)
+    labels_t[positions_t == 0] = IGNORE_INDEX
+    real = sum(len(x.input_ids) for x in batch)
+    return {"input_ids": ids_t, "position_ids": positions_t, "labels": labels_t,
+            "real_token_count": torch.tensor(real, dtype=torch.long)}
 
 
 def real_tokens(batch: "dict[str, torch.Tensor]") -> int:
     """Tokens of a collated micro-batch that are not padding."""
+    if "real_token_count" in batch:  # packed rows: their filler segments left out
+        return int(batch["real_token_count"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 

@@ -631,15 +631,19 @@ class Job:
         mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
         counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
         if self.config["train.packing"]:
-            return (f"packing: micro-batches are rows of up to {mb} x train.max_seq_length tokens without padding; "
+            return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, packed into rows of up to "
+                    f"train.max_seq_length tokens; "
                     f"padded micro-batches of {mb} would be {share} padding ({counts})")
         return (f"padding: {share} of the tokens in micro-batches of {mb} are padding ({counts}); "
                 f"train.packing=true would compute only the {waste['real_tokens']:,} real ones")
 
     def _collate(self, examples: Sequence[TokenizedExample]) -> "dict[str, torch.Tensor]":
-        """One micro-batch: packed into one row with ``train.packing``, else right-padded."""
+        """One micro-batch: with ``train.packing`` packed into rows of up to ``train.max_seq_length`` tokens
+        (attention within each example costs what it would unpacked: one long row would cost its square), else
+        right-padded."""
         if self.config["train.packing"]:
-            return collate_packed(examples)
+            pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+            return collate_packed(examples, self.config["train.max_seq_length"], pad if pad is not None else 0)
         return collate(examples, self.tokenizer.pad_token_id)
 
     def _examples_per_step(self, world: int) -> int:

@@ -1,4 +1,5 @@
-"""Padding-free packing (``train.packing``): one row per micro-batch, attention and loss kept within each example."""
+"""Padding-free packing (``train.packing``): examples packed into rows of up to max_seq_length tokens, attention
+and loss kept within each example."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 
 from qlora_core import cli
 from qlora_core import trainer as trainer_module
-from qlora_core.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, padding_waste
+from qlora_core.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, padding_waste, real_tokens
 from qlora_core.errors import UsageError
 from qlora_core.trainer import Job, _model_inputs, _token_loss_sum, check_packed_attention
 
@@ -40,17 +41,40 @@ def tiny_llama(attn: str):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_forward_gives_each_example_the_logits_it_has_alone(attn):
+@pytest.mark.parametrize("row_tokens", [None, 32])
+def test_packed_forward_gives_each_example_the_logits_it_has_alone(attn, row_tokens):
+    """One row, or rows of up to 32 tokens ending in filler segments: every example's logits as alone."""
     model = tiny_llama(attn)
-    examples = ragged_examples(200)
+    examples = ragged_examples(200)  # 5, 17, 9, 30 tokens: with rows of 32, [30] [5 17 9] and a filler of 1
+    batch = collate_packed(examples, row_tokens)
     with torch.no_grad():
-        packed = model(**_model_inputs(collate_packed(examples))).logits[0]
+        logits = model(**_model_inputs(batch)).logits
+    rows = [list(examples)] if row_tokens is None else pack_rows(examples, row_tokens)
+    assert logits.shape[0] == len(rows) == (1 if row_tokens is None else 2)
+    for r, row in enumerate(rows):
         start = 0
-        for x in examples:
-            alone = model(input_ids=torch.tensor([x.input_ids])).logits[0]
+        for x in row:
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([x.input_ids])).logits[0]
             n = len(x.input_ids)
-            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[r, start:start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+
+
+def test_rows_are_packed_longest_first_up_to_the_row_size_with_filler_segments():
+    examples = ragged_examples(200, lengths=(3, 5, 2, 6))
+    rows = pack_rows(examples, 8)
+    assert [[len(x.input_ids) for x in row] for row in rows] == [[2, 6], [3, 5]]  # first fit, longest first
+    batch = collate_packed(examples, row_tokens=8, pad_token_id=7)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2, 3, 4]]
+    assert real_tokens(batch) == 16
+    uneven = collate_packed(ragged_examples(200, lengths=(6, 3, 2)), row_tokens=6, pad_token_id=7)
+    assert uneven["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 0]]  # a filler of 1
+    assert uneven["input_ids"][1, -1] == 7 and uneven["labels"][1, -1] == IGNORE_INDEX
+    assert real_tokens(uneven) == 11
+    assert pack_rows(ragged_examples(200, lengths=(9, 2)), 8) == [[ragged_examples(200, lengths=(9, 2))[0]],
+                                                                  [ragged_examples(200, lengths=(9, 2))[1]]]
 
 
 def test_packed_batch_is_one_row_with_positions_restarting_and_no_padding():
@@ -100,13 +124,15 @@ def test_a_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_mode
     model.train()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
     pad_loss, pad_n, pad_grads = loss_and_grads(model, collate(examples, pad_token_id=0))
-    pack_loss, pack_n, pack_grads = loss_and_grads(model, collate_packed(examples))
-    assert pack_n == pad_n == sum(x.num_target_tokens for x in examples)
-    assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
-    assert len(pack_grads) == len(pad_grads) > 0
-    for name, grad in pad_grads.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # one row, and rows of up to 45 tokens: [40 + a filler of 4] and [25 12 7]
+    for batch in (collate_packed(examples), collate_packed(examples, row_tokens=45)):
+        pack_loss, pack_n, pack_grads = loss_and_grads(model, batch)
+        assert pack_n == pad_n == sum(x.num_target_tokens for x in examples)
+        assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
+        assert len(pack_grads) == len(pad_grads) > 0
+        for name, grad in pad_grads.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_a_model_whose_attention_crosses_packed_examples_is_refused(lora_model, monkeypatch):
@@ -195,8 +221,9 @@ def test_token_budget_batches_fill_rows_in_order():
 
 
 def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config, tmp_path, monkeypatch):
-    """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens: the
-    step's short examples take fewer forward passes, and the step (same examples) trains the same."""
+    """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens (in rows of
+    up to max_seq_length): the step's short examples take fewer forward passes, and the step (same examples)
+    trains the same."""
     import qlora_core.trainer as trainer
 
     cfg = copy.deepcopy(tiny_config)
@@ -215,7 +242,7 @@ def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config,
     padded_calls, calls[:] = list(calls), []
     packed = Job(cfg, overrides=["train.packing=true"], output_dir=tmp_path / "packed").run()
     assert len(padded_calls) == 2 * 4  # 4 micro-batches of 2 examples a step
-    assert len(calls) < len(padded_calls)  # the guanaco rows are short: several fit one 128-token row
-    assert all(shape[0] == 1 and shape[1] <= 2 * 64 for shape in calls)
+    assert len(calls) < len(padded_calls)  # the guanaco rows are short: several fit a 128-token micro-batch
+    assert all(shape[1] <= 64 for shape in calls)  # ... in rows of up to max_seq_length tokens
     losses = [[r["loss"] for r in result.metrics if "loss" in r] for result in (padded, packed)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
