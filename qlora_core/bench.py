@@ -352,8 +352,8 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     policy = layer_policy(job.model)
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
             "layers": policy.describe() if policy else None,
-            "padding_waste": result.summary.get("padding_waste", {}).get("padding_waste")
-            if not job.config["train.packing"] else 0.0, **_memory()}
+            "padding_waste": result.summary.get("padding_waste", {}).get(
+                "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **_memory()}
 
 
 def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Path) -> dict[str, Any]:

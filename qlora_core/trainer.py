@@ -21,7 +21,7 @@ from . import __version__
 from .config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, merge_overrides, parse_overrides,
                      read_config_file, requested_plugins)
 from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
-                   padding_waste, real_tokens, token_budget_batches, tokenize_rows)
+                   packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
 from .errors import UsageError
 from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from .types import DatasetFormat, FormattedExample, Run
@@ -606,6 +606,10 @@ class Job:
             mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
                                        accelerator.num_processes)
             waste = padding_waste(mine, state.micro_batch_size)
+            if cfg["train.packing"]:
+                waste["packed_filler_waste"] = packed_waste(
+                    mine, state.micro_batch_size, cfg["train.max_seq_length"],
+                    state.micro_batch_size * cfg["train.gradient_accumulation_steps"])
             state.summary["padding_waste"] = waste
             if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
                 self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
@@ -632,7 +636,7 @@ class Job:
         counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
         if self.config["train.packing"]:
             return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, packed into rows of up to "
-                    f"train.max_seq_length tokens; "
+                    f"train.max_seq_length tokens ({waste.get('packed_filler_waste', 0.0):.1%} filler); "
                     f"padded micro-batches of {mb} would be {share} padding ({counts})")
         return (f"padding: {share} of the tokens in micro-batches of {mb} are padding ({counts}); "
                 f"train.packing=true would compute only the {waste['real_tokens']:,} real ones")
@@ -738,7 +742,7 @@ class Job:
         while True:
             size = state.micro_batch_size
             if cfg["train.packing"]:
-                # one row per micro-batch, filled up to micro-batch x max_seq_length tokens
+                # micro-batches filled up to micro-batch x max_seq_length tokens (packed in rows by _collate)
                 groups = token_budget_batches(examples, size * cfg["train.max_seq_length"])
             else:
                 groups = [examples[i:i + size] for i in range(0, len(examples), size)]

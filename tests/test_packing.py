@@ -12,7 +12,8 @@ import yaml
 
 from qlora_core import cli
 from qlora_core import trainer as trainer_module
-from qlora_core.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, padding_waste, real_tokens
+from qlora_core.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
+                             padding_waste, real_tokens)
 from qlora_core.errors import UsageError
 from qlora_core.trainer import Job, _model_inputs, _token_loss_sum, check_packed_attention
 
@@ -246,3 +247,12 @@ def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config,
     assert all(shape[1] <= 64 for shape in calls)  # ... in rows of up to max_seq_length tokens
     losses = [[r["loss"] for r in result.metrics if "loss" in r] for result in (padded, packed)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_packed_waste_counts_the_filler_of_each_micro_batch_s_rows():
+    examples = ragged_examples(200, lengths=(6, 3, 2, 8))
+    # one step of 4 examples, micro-batches of up to 2 x 8 tokens: [6 3 2] -> first fit [6 2] [3] (width 8),
+    # spread evenly [6] [3 2] (width 6, filler 1 of 12); then [8] (no filler): 1 of 20 computed tokens
+    assert [[len(x.input_ids) for x in row] for row in pack_rows(examples[:3], 8)] == [[6], [3, 2]]
+    assert packed_waste(examples, micro_batch_size=2, row_tokens=8, step_examples=4) == pytest.approx(1 / 20)
+    assert packed_waste(ragged_examples(200, lengths=(4, 4)), 1, 8, 2) == 0.0
