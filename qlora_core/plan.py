@@ -755,9 +755,9 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         upcast=bool(upcast and quantized), shard_adapters=not fsdp,
         optimizer=optimizer, optimizer_bytes=opt_bytes,
         checkpointing="gradient-checkpointing" in names and supports_checkpointing, loss=loss,
-        # The trainer's own loop on one GPU: head and loss fused (under FSDP or DDP the wrapper computes every logit),
+        # The trainer's own loop: head and loss fused (under FSDP or DDP inside the wrapper's forward),
         # checkpointed inputs offloaded to CPU memory (train.activation_offload's auto is on for CUDA).
-        fused_loss=bool(config["train.fused_cross_entropy"]) and loss == "qlora" and gpus == 1,
+        fused_loss=bool(config["train.fused_cross_entropy"]) and loss == "qlora",
         offload=auto_on(config["train.activation_offload"], True),
     ), notes
 

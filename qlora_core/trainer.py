@@ -240,10 +240,54 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
             loss = linear_cross_entropy_sum(selected, head.weight, labels[keep])
         else:
             loss = F.cross_entropy(head(selected).float(), labels[keep], reduction="sum")
+    elif fused and _loss_forward_installed(model):
+        # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
+        # inside it, with the fused head, and the logits are never made.
+        loss = model(**_model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
     else:
         logits = model(**_model_inputs(batch)).logits
         loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+def _loss_forward_installed(model) -> bool:
+    inner = getattr(model, "module", None)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return bool(getattr(inner, "_qlora_loss_forward", False))
+
+
+def install_loss_forward(model) -> bool:
+    """Give the causal LM under ``model`` (a PEFT model, before a DDP/FSDP wrapper) a forward that, called with
+    ``qlora_token_loss_sum=True`` and ``labels``, returns only the summed token loss (the answer positions through
+    the fused head and cross-entropy, :func:`qlora_core.kernels.linear_cross_entropy_sum`); any other call runs
+    the model's own forward. False for architectures whose head is not a plain linear layer."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = _plain_head_model(inner)
+    if causal is None or getattr(causal, "_qlora_loss_forward", False):
+        return causal is not None
+    head = causal.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    original = causal.forward
+
+    def forward(*args, qlora_token_loss_sum: bool = False, **kwargs):
+        if not qlora_token_loss_sum:
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        from .kernels import linear_cross_entropy_sum
+
+        inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        labels = kwargs["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        return CausalLMOutputWithPast(loss=linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, labels[keep]))
+
+    causal.forward = forward
+    causal._qlora_loss_forward = True
+    return True
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -562,6 +606,8 @@ class Job:
                 raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
                                  f"(checkpoints are written every train.save_steps steps)")
             load_adapter_weights(ckpt, self.model)  # before a plugin shards the model
+        if cfg["train.fused_cross_entropy"]:
+            install_loss_forward(self.model)  # a DDP/FSDP wrapper's forward must run: the fused loss goes inside
         model = self.hook.qlora_distribute_model(model=self.model, accelerator=accelerator, config=cfg)
         self.distributed_by_plugin = model is not None
         if model is None:

@@ -191,3 +191,39 @@ def test_accelerate_launch_runs_the_same_job(fsdp_config, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert [s for s, kind, _ in losses(out) if kind == "loss"] == [1, 2, 3, 4]
+
+
+def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp_config, tmp_path):
+    """FSDP's forward must run (it gathers the sharded weights), so the fused head and loss run inside it: the
+    vocabulary's logits are never made. A one-process FSDP run (in its own interpreter: it starts a process
+    group) counts the fused loss's calls."""
+    script = tmp_path / "spy.py"
+    script.write_text(
+        "import json, sys\n"
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from qlora_core import kernels\n"
+        "from qlora_core.trainer import Job\n"
+        "calls = []\n"
+        "real = kernels.linear_cross_entropy_sum\n"
+        "def spy(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    return real(*a, **k)\n"
+        "kernels.linear_cross_entropy_sum = spy\n"
+        "job = Job(json.load(open(sys.argv[1])), plugins=['fsdp'], output_dir=sys.argv[2])\n"
+        "result = job.run()\n"
+        "print(json.dumps({'calls': len(calls), 'wrapped': job.distributed_by_plugin,\n"
+        "                  'losses': [m['loss'] for m in result.metrics if 'loss' in m]}))\n")
+    cfg = copy.deepcopy(fsdp_config)
+    cfg["train"].update(max_steps=2, save_strategy="no")
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "cfg.json"), str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["wrapped"] and len(out["losses"]) == 2
+    assert out["calls"] >= 2 * 2  # every training micro-batch (2 a step) went through the fused loss
+    one = Job(cfg, output_dir=tmp_path / "one").run()  # no FSDP: the same losses
+    assert out["losses"] == pytest.approx([m["loss"] for m in one.metrics if "loss" in m], rel=1e-5)

@@ -319,7 +319,7 @@ def test_cli_json_parses(llama8b_dir, capsys):
                      "--set", "train.max_seq_length=2048", "--set", "train.per_device_train_batch_size=4"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["n_params"] == 8_030_261_248 and data["settings"]["gpus"] == 2
-    assert data["peak_with_checkpointing_gib"] > 10
+    assert data["peak_with_checkpointing_gib"] > 5  # the 4-bit weights and the bf16 embeddings and head alone
     assert isinstance(data["warnings"], list) and isinstance(data["notes"], list)
 
 
