@@ -6,9 +6,9 @@
    process group: no clean-up runs);
 3. ``qlora run --resume RUN_DIR --nproc-per-node N`` continues from the newest checkpoint to the end.
 
-Prints one JSON object: the step the kill came after, the checkpoint resumed from, the losses logged before the
-kill and after the resume for the same steps (same data order, same adapter and optimizer state: they should
-agree to bf16 noise), and the run's final status.
+Prints one JSON object: the checkpoint the kill came after, the checkpoint resumed from, the losses of the steps
+after the resume, those of steps logged before the kill and done again after it (same data order, adapter and
+optimizer state: they should agree to bf16 noise), and the run's final status.
 
     python benchmarks/fsdp_resume_check.py --nproc 2 --shape llama3-8b --tokenizer .gpu-tok
 
@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "--nproc-per-node", str(args.nproc)], stdout=log, stderr=subprocess.STDOUT, env=env)
     after = losses(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    common = sorted(set(before) & set(after))
+    resumed_from = run.get("resumed_from_step") or 0
+    redone = sorted(s for s in set(before) & set(after) if s > resumed_from)  # logged before the kill, then redone
     result.update({"resume_exit_code": code, "resume_seconds": round(time.perf_counter() - started, 1),
                    "resumed_from_step": run.get("resumed_from_step"), "final_status": run.get("status"),
                    "steps_logged_after_resume": sorted(after),
-                   "same_steps_loss_before_and_after": {s: [before[s], after[s]] for s in common},
+                   "losses_after_resume": {s: after[s] for s in sorted(after) if s > resumed_from},
+                   "redone_steps_loss_before_and_after": {s: [before[s], after[s]] for s in redone},
                    "adapter_written": (run_dir / "adapter" / "adapter_model.safetensors").is_file()})
     if code != 0:
         result["resume_log_tail"] = (out / "resume.log").read_text().splitlines()[-30:]
