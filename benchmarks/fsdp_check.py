@@ -18,6 +18,7 @@ estimate, the loss, the reload check, the versions.
 
     python benchmarks/fsdp_check.py --nproc 1 --shape smollm2-135m --tokenizer .gpu-tok     # smoke test
     python benchmarks/fsdp_check.py --nproc 2 --shape llama3-8b --seq 2048 --batch 4 --single
+    python benchmarks/fsdp_check.py --nproc 2 --shape llama3-70b --seq 2048 --batch 1 --random-weights
 
 Needs CUDA GPUs and bitsandbytes; without CUDA it stops with one ``error:`` line and exit code 2.
 """
@@ -59,11 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single", action="store_true", help="also run one GPU without FSDP, for the ratio")
     parser.add_argument("--out", type=Path, default=Path("/tmp/qlora-fsdp-check"))
     parser.add_argument("--keep-model", action="store_true", help="reuse --out/model if it is there")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="no checkpoint: every run builds the shape straight into 4 bits (--plugin random-weights;"
+                             " what a 70B shape needs, its bf16 checkpoint being larger than the disk)")
     return parser.parse_args(argv)
 
 
-def build_model(shape: dict[str, Any], tokenizer_dir: Path, dest: Path) -> Path:
-    """A random bf16 checkpoint of ``shape`` with the tokenizer, built on the GPU and saved to ``dest``."""
+def build_model(shape: dict[str, Any], tokenizer_dir: Path, dest: Path, weights: bool = True) -> Path:
+    """A random bf16 checkpoint of ``shape`` with the tokenizer, built on the GPU and saved to ``dest``; without
+    ``weights``, only config.json and the tokenizer (for ``--plugin random-weights``)."""
     import gc
 
     import torch
@@ -74,6 +79,9 @@ def build_model(shape: dict[str, Any], tokenizer_dir: Path, dest: Path) -> Path:
                  eos_token_id=tok.eos_token_id)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(shape))
+    if not weights:
+        tok.save_pretrained(dest)
+        return dest
     config = AutoConfig.from_pretrained(dest)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -134,16 +142,22 @@ def figures(run_dir: Path) -> dict[str, Any]:
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
 
 
-def reload_and_generate(model_dir: Path, adapter: Path) -> dict[str, Any]:
-    """The adapter onto the base in 4 bits (the usual uint8 storage) on one GPU, with plain PEFT; a greedy answer."""
+def reload_and_generate(model_dir: Path, adapter: Path, random_weights: bool = False) -> dict[str, Any]:
+    """The adapter onto the base in 4 bits (the usual uint8 storage) on one GPU, with plain PEFT; a greedy answer.
+    With ``random_weights`` the base is built again as the random-weights plugin built it (seed 0)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                device_map={"": 0})
+    if random_weights:
+        from qlora_core.shapes import build_direct
+
+        base = build_direct(model_dir, "cuda:0", torch.bfloat16, seed=0)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                    device_map={"": 0})
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     tok = AutoTokenizer.from_pretrained(adapter)
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.keep_model and (model_dir / "config.json").is_file()):
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        build_model(shape_config(args.shape), args.tokenizer, model_dir)
+        build_model(shape_config(args.shape), args.tokenizer, model_dir, weights=not args.random_weights)
         build_seconds = time.perf_counter() - started
     else:
         build_seconds = 0.0
@@ -201,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         "batch_per_gpu": args.batch, "steps": args.steps, "optim": args.optim, "sharding": args.sharding,
         "cpu_offload": args.cpu_offload, "model_build_seconds": round(build_seconds, 1),
     }
-    code, seconds = qlora_run(["run", str(config), "--plugin", "fsdp", "--nproc-per-node", str(nproc),
+    extra = ["--plugin", "random-weights"] if args.random_weights else []
+    code, seconds = qlora_run(["run", str(config), "--plugin", "fsdp", *extra, "--nproc-per-node", str(nproc),
                                "--output", str(out / "fsdp")], out / "fsdp.log")
     if code != 0:
         tail = (out / "fsdp.log").read_text().splitlines()[-40:]
         print(json.dumps({**result, "fsdp_exit_code": code, "fsdp_log_tail": tail}, indent=2))
         return 1
     result["fsdp"] = {**figures(out / "fsdp"), "wall_seconds": round(seconds, 1)}
-    estimate = plan(model_dir, cfg, gpus=nproc, plugins=["fsdp"])
+    estimate = plan(model_dir, cfg, gpus=nproc, plugins=["fsdp"])  # config.json is all it reads
     result["plan_gib_per_gpu"] = estimate.memory.total / GIB
     peak = result["fsdp"]["peak_gpu_memory_gib"]
     result["measured_over_plan"] = peak / result["plan_gib_per_gpu"] if peak else None
@@ -218,14 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         single = {k: v for k, v in cfg.items() if k != "fsdp"}
         single["train"] = dict(single["train"], compile=False, lean_recompute=False)
         single_config.write_text(yaml.safe_dump(single))
-        code, seconds = qlora_run(["run", str(single_config), "--output", str(out / "single")], out / "single.log")
+        code, seconds = qlora_run(["run", str(single_config), *extra, "--output", str(out / "single")],
+                                  out / "single.log")
         if code == 0:
             result["single"] = {**figures(out / "single"), "wall_seconds": round(seconds, 1)}
             result["speedup_over_single"] = result["fsdp"]["tokens_per_second"] / \
                 result["single"]["tokens_per_second"]
         else:
             result["single"] = {"exit_code": code, "log_tail": (out / "single.log").read_text().splitlines()[-20:]}
-    result["reload"] = reload_and_generate(model_dir, out / "fsdp" / "adapter")
+    result["reload"] = reload_and_generate(model_dir, out / "fsdp" / "adapter", args.random_weights)
     print(json.dumps(result, indent=2))
     return 0
 

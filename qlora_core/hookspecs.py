@@ -109,6 +109,21 @@ def qlora_quantization_config(config: "Config", compute_dtype: "torch.dtype") ->
     """
 
 
+@hookspec(firstresult=True)
+def qlora_load_base_model(name_or_path: str, kwargs: "dict[str, Any]", config: "Config") -> "torch.nn.Module | None":
+    """Make the base model instead of ``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)``.
+
+    :param name_or_path: the resolved model folder or hub id.
+    :param kwargs: the arguments ``from_pretrained`` would get, after the quant strategy and
+        ``qlora_model_load_kwargs``: ``dtype``, ``device_map`` (``{"": device}``), ``quantization_config``, ...
+    :param config: the config.
+    :returns: the model, on its device and quantized as ``kwargs`` ask, or ``None`` to let transformers load it.
+
+    The first non-None result wins. The built-in ``random-weights`` plugin builds the architecture of the
+    folder's ``config.json`` with random weights, straight into 4 bits (benchmarks of any shape, no download).
+    """
+
+
 @hookspec
 def qlora_model_load_kwargs(kwargs: "dict[str, Any]", config: "Config") -> None:
     """Adjust the keyword arguments of ``AutoModelForCausalLM.from_pretrained`` in place, after the quant

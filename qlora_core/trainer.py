@@ -513,7 +513,9 @@ class Job:
         kwargs.update(self.hook.qlora_quantization_config(config=cfg, compute_dtype=self.compute_dtype) or {})
         self.hook.qlora_model_load_kwargs(kwargs=kwargs, config=cfg)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path(), **kwargs)
+            model = self.hook.qlora_load_base_model(name_or_path=self.model_path(), kwargs=kwargs, config=cfg)
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(self.model_path(), **kwargs)
         except OSError as e:
             raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
                              f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None

@@ -227,3 +227,22 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
     assert out["calls"] >= 2 * 2  # every training micro-batch (2 a step) went through the fused loss
     one = Job(cfg, output_dir=tmp_path / "one").run()  # no FSDP: the same losses
     assert out["losses"] == pytest.approx([m["loss"] for m in one.metrics if "loss" in m], rel=1e-5)
+
+
+def test_two_processes_train_on_random_weights_built_on_each(fsdp_config, tmp_path):
+    """--plugin random-weights under FSDP (how a 70B shape runs across GPUs without a checkpoint): each process
+    builds the same 4-bit model in FSDP's storage dtype from config.json alone, and the run trains."""
+    folder = tmp_path / "shape"
+    shutil.copytree(fsdp_config["model"]["name_or_path"], folder,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    cfg = copy.deepcopy(fsdp_config)
+    cfg["model"]["name_or_path"] = str(folder)
+    cfg["train"].update(max_steps=2, save_strategy="no")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    done = qlora("run", str(config), "--plugin", "fsdp", "--plugin", "random-weights", "--nproc-per-node", "2",
+                 "--output", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [k for _, k, _ in losses(out)].count("loss") == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
