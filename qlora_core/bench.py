@@ -54,8 +54,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
     "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
                          "set": ["train.fused_cross_entropy=false"]},
-    "qlora+fused-lora": {"help": "the fused 4-bit + LoRA function instead of PEFT's LoRA forward (on CUDA "
-                                 "without compiled layers: the two do not combine there)",
+    "qlora+fused-lora": {"help": "the fused 4-bit + LoRA op instead of PEFT's LoRA forward",
                          "set": ["train.fused_lora=true"]},
     "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
                              "set": ["train.lean_recompute=false"]},

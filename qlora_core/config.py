@@ -213,9 +213,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.compile", "auto_bool", "auto",
            "compile each decoder layer with torch.compile (auto: on CUDA)"),
     Option("train.fused_lora", "auto_bool", False,
-           "compute each 4-bit linear layer and its LoRA adapter in one autograd function, without PEFT's "
-           "output-sized temporaries (auto: on CUDA); off by default, its speed not yet measured; on CUDA it "
-           "turns an auto train.compile off (the two broke each other there; docs/performance.md)"),
+           "compute each 4-bit linear layer and its LoRA adapter in one custom op, without PEFT's output-sized "
+           "temporaries (auto: on CUDA); off until its speed with compiled layers is measured "
+           "(docs/performance.md)"),
     Option("train.fused_cross_entropy", "bool", True,
            "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
            "(liger-kernel's kernel on CUDA when installed)"),

@@ -125,30 +125,37 @@ class _State:
 OUTPUT_PROJECTIONS = ("down_proj", "fc2", "w2", "dense_4h_to_h")
 
 
-#: The 4-bit output projections marked for lean recomputation, by their packed weight's address: the custom op's
-#: backward finds the quantization state there (an op's arguments can only be tensors and plain values).
-_MARKED: dict[int, Any] = {}
+#: Frozen linear layers whose weights custom ops receive (the lean output projections, the fused LoRA layers),
+#: by their weight's address: an op's arguments can only be tensors and plain values, so its implementation
+#: finds the bitsandbytes quantization state here.
+_BY_ADDRESS: dict[int, Any] = {}
+_REGISTERED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _quant_state_of(weight):
-    """The bitsandbytes quantization state of a marked 4-bit weight (None for a plain weight)."""
+def register_quant_weight(module) -> None:
+    """Let :func:`quant_state_of` find ``module.weight``'s quantization state from the weight tensor alone."""
+    _REGISTERED.add(module)
+    _BY_ADDRESS[module.weight.data_ptr()] = weakref.ref(module)
+
+
+def quant_state_of(weight):
+    """The bitsandbytes quantization state of a registered 4-bit weight (None for a plain weight)."""
     state = getattr(weight, "quant_state", None)
     if state is not None:
         return state
-    ref = _MARKED.get(weight.data_ptr())
+    ref = _BY_ADDRESS.get(weight.data_ptr())
     module = ref() if ref is not None else None
-    if module is None or module.weight.data_ptr() != weight.data_ptr():  # moved since it was marked: look again
-        _MARKED.clear()
-        for m in list(_MARKED_MODULES):
-            _MARKED[m.weight.data_ptr()] = weakref.ref(m)
-        ref = _MARKED.get(weight.data_ptr())
+    if module is None or module.weight.data_ptr() != weight.data_ptr():  # moved since it was registered
+        _BY_ADDRESS.clear()
+        for m in list(_REGISTERED):
+            _BY_ADDRESS[m.weight.data_ptr()] = weakref.ref(m)
+        ref = _BY_ADDRESS.get(weight.data_ptr())
         module = ref() if ref is not None else None
     if module is None:
         return None
     return getattr(module.weight, "quant_state", None)
 
 
-_MARKED_MODULES: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _OPS: Any = None
 
 
@@ -177,7 +184,7 @@ def _grad_only_ops():
     @torch.library.custom_op("qlora::grad_only_linear_input_grad", mutates_args=(),
                              schema="(Tensor dy, Tensor weight, int in_features) -> Tensor")
     def input_grad(dy, weight, in_features):
-        quant_state = _quant_state_of(weight)
+        quant_state = quant_state_of(weight)
         if quant_state is not None:
             import bitsandbytes.functional as bnbf
 
@@ -235,8 +242,7 @@ def _mark_output_projection(module, state: _State) -> None:
     _grad_only_ops()  # registered now: torch.compile cannot trace the registration
     original = module.forward
     module._qlora_lean_state = state
-    _MARKED_MODULES.add(module)
-    _MARKED[module.weight.data_ptr()] = weakref.ref(module)
+    register_quant_weight(module)
 
     def forward(x, *args, **kwargs):
         lean_state = module._qlora_lean_state

@@ -1,5 +1,5 @@
-"""LoRA on a 4-bit linear layer as one autograd function: the frozen base matmul and the adapter in the same
-forward and backward.
+"""LoRA on a 4-bit linear layer as one operation: the frozen base matmul and the adapter in the same forward and
+backward.
 
 PEFT computes a LoRA layer on a bitsandbytes ``Linear4bit`` as ``base(x).clone() + lora_B(lora_A(dropout(x)))
 * scaling``: the base output is copied, the adapter's output is made, scaled and added, each a pass over an
@@ -13,75 +13,109 @@ backward that does the same for the input gradient (``dx = dy @ dequant(W) + sca
 computes the adapter's gradients from small rank-r products. Same maths (the bf16 products autocast would make),
 no output-sized temporaries. Layers it does not cover (several adapters, DoRA and other variants, a merged or
 disabled adapter, inputs not in the compute dtype) and evaluation (the model in eval mode) keep PEFT's own
-forward. Inside compiled layers the function runs outside torch.compile's graphs: traced, it gave wrong adapter
-gradients on the H200 (``benchmarks/fused_check.py``).
+forward.
+
+The forward and the backward are custom ops (``qlora::lora_4bit``, ``qlora::lora_4bit_backward``) that
+torch.compile traces around without a graph break and without looking inside. Two earlier forms failed on the
+H200 inside compiled layers: an autograd function traced by torch.compile gave wrong adapter gradients, and the
+same function kept out of the graph received a flattened input at its graph break (``benchmarks/fused_check.py``,
+docs/performance.md). The ops find the weight's quantization state through :func:`qlora_core.layers.quant_state_of`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_FUNCTION: Any = None
+_OPS: Any = None
 
 
-def _dequantize(weight, quant_state, dtype):
+def _dequantize(weight, dtype):
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data if hasattr(weight, "data") else weight, quant_state).to(dtype)
+    from .layers import quant_state_of
+
+    return bnbf.dequantize_4bit(weight, quant_state_of(weight)).to(dtype)
 
 
-def _function():
+def _ops():
+    """``qlora::lora_4bit`` (forward) and ``qlora::lora_4bit_backward``: custom ops, opaque to torch.compile,
+    which traces the compiled layers around them without a graph break (an autograd function traced by
+    torch.compile gave wrong adapter gradients on the H200, and one run outside the graph made the GPU hand it
+    a flattened input at the graph break)."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
     import torch
 
-    class LoRA4bitLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, xd, weight, quant_state, bias, lora_a, lora_b, scaling: float, same: bool):
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            xd2 = x2 if same else xd.reshape(-1, shape[-1])
-            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-            xa = xd2 @ a.t()
-            y = x2 @ _dequantize(weight, quant_state, x.dtype).t()
-            if bias is not None:
-                y += bias.to(y.dtype)
-            y.addmm_(xa, b.t(), alpha=scaling)
-            ctx.save_for_backward(xd2, xa, lora_a, lora_b)
-            ctx.weight, ctx.quant_state, ctx.scaling, ctx.same, ctx.shape = weight, quant_state, scaling, same, shape
-            return y.view(*shape[:-1], y.shape[-1])
+    @torch.library.custom_op("qlora::lora_4bit", mutates_args=(),
+                             schema="(Tensor x, Tensor xd, Tensor weight, Tensor? bias, Tensor lora_a, "
+                                    "Tensor lora_b, float scaling, bool same) -> Tensor")
+    def lora_4bit(x, xd, weight, bias, lora_a, lora_b, scaling, same):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xd2 = x2 if same else xd.reshape(-1, shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        y = x2 @ _dequantize(weight, x.dtype).t()
+        if bias is not None:
+            y += bias.to(y.dtype)
+        y.addmm_(xd2 @ a.t(), b.t(), alpha=scaling)
+        return y.view(*shape[:-1], y.shape[-1])
 
-        @staticmethod
-        def backward(ctx, dy):
-            xd2, xa, lora_a, lora_b = ctx.saved_tensors
-            s = ctx.scaling
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
-            dyb = dy2 @ b  # (n, r)
-            dx = dxd = None
-            if ctx.needs_input_grad[0]:
-                dx = dy2 @ _dequantize(ctx.weight, ctx.quant_state, dy.dtype)
-                if ctx.same:
-                    dx.addmm_(dyb, a, alpha=s)
-                dx = dx.view(ctx.shape)
-            if ctx.needs_input_grad[1] and not ctx.same:
-                dxd = (dyb @ a).mul_(s).view(ctx.shape)
-            da = (dyb.t() @ xd2).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[5] else None
-            db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[6] else None
-            return dx, dxd, None, None, None, da, db, None, None
+    @lora_4bit.register_fake
+    def _(x, xd, weight, bias, lora_a, lora_b, scaling, same):
+        return x.new_empty((*x.shape[:-1], lora_b.shape[0]))
 
-    return LoRA4bitLinear
+    @torch.library.custom_op("qlora::lora_4bit_backward", mutates_args=(),
+                             schema="(Tensor dy, Tensor xd, Tensor weight, Tensor lora_a, Tensor lora_b, "
+                                    "float scaling, bool same, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)")
+    def lora_4bit_backward(dy, xd, weight, lora_a, lora_b, scaling, same, needs):
+        n_in = xd.shape[-1]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        xd2 = xd.reshape(-1, n_in)
+        a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
+        dyb = dy2 @ b  # (n, r)
+        empty = dy.new_empty(0)
+        dx = dxd = da = db = empty
+        if needs[0]:
+            dx = dy2 @ _dequantize(weight, dy.dtype)
+            if same:
+                dx.addmm_(dyb, a, alpha=scaling)
+            dx = dx.view(*dy.shape[:-1], n_in)
+        if needs[1] and not same:
+            dxd = (dyb @ a).mul_(scaling).view(*dy.shape[:-1], n_in)
+        if needs[2]:
+            da = (dyb.t() @ xd2).mul_(scaling).to(lora_a.dtype)
+        if needs[3]:
+            db = (dy2.t() @ (xd2 @ a.t())).mul_(scaling).to(lora_b.dtype)
+        return dx, dxd, da, db
 
+    @lora_4bit_backward.register_fake
+    def _(dy, xd, weight, lora_a, lora_b, scaling, same, needs):
+        n_in = xd.shape[-1]
+        empty = dy.new_empty(0)
+        dx = dy.new_empty((*dy.shape[:-1], n_in)) if needs[0] else empty
+        dxd = dy.new_empty((*dy.shape[:-1], n_in)) if needs[1] and not same else empty
+        da = lora_a.new_empty(lora_a.shape) if needs[2] else empty
+        db = lora_b.new_empty(lora_b.shape) if needs[3] else empty
+        return dx, dxd, da, db
 
-def _apply(*args):
-    """The fused function, kept out of torch.compile's graphs (traced, it gave wrong adapter gradients)."""
-    return _FUNCTION.apply(*args)
+    def setup_context(ctx, inputs, output):
+        x, xd, weight, bias, lora_a, lora_b, scaling, same = inputs
+        ctx.save_for_backward(x if same else xd, weight, lora_a, lora_b)
+        ctx.scaling, ctx.same = scaling, same
 
+    def backward(ctx, dy):
+        xd, weight, lora_a, lora_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[1]), bool(need[4]), bool(need[5])]
+        dx, dxd, da, db = torch.ops.qlora.lora_4bit_backward(dy, xd, weight, lora_a, lora_b, ctx.scaling,
+                                                             ctx.same, needs)
+        return (dx if needs[0] else None, dxd if needs[1] and not ctx.same else None, None, None,
+                da if needs[2] else None, db if needs[3] else None, None, None)
 
-try:
-    import torch as _torch
-
-    _apply = _torch.compiler.disable(_apply)
-except (ImportError, AttributeError):  # pragma: no cover - torch without torch.compiler
-    pass
+    lora_4bit.register_autograd(backward, setup_context=setup_context)
+    _OPS = lora_4bit
+    return _OPS
 
 
 def _fused_forward(layer):
@@ -89,9 +123,9 @@ def _fused_forward(layer):
     import torch
 
     original = layer.forward
+    op = _ops()  # registered now: torch.compile cannot trace the registration
 
     def forward(x, *args, **kwargs):
-        global _FUNCTION
         base = layer.base_layer
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         compute = getattr(base, "compute_dtype", None)
@@ -103,14 +137,12 @@ def _fused_forward(layer):
                 or getattr(getattr(base, "_qlora_lean_state", None), "lean_active", False)):
             # (a lean recomputation of an output projection: PEFT's forward, whose base only builds its backward)
             return original(x, *args, **kwargs)
-        if _FUNCTION is None:
-            _FUNCTION = _function()
         name = active[0]
         dropout = layer.lora_dropout[name]
         same = isinstance(dropout, torch.nn.Identity) or not getattr(dropout, "p", 0.0)
         xd = x if same else dropout(x)
-        return _apply(x, xd, base.weight, base.weight.quant_state, base.bias, layer.lora_A[name].weight,
-                               layer.lora_B[name].weight, float(layer.scaling[name]), same)
+        return op(x, xd, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                  float(layer.scaling[name]), same)
 
     forward._qlora_fused = True
     return forward
@@ -125,6 +157,9 @@ def fuse_lora_layers(model) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and not getattr(module.forward, "_qlora_fused", False):
+            from .layers import register_quant_weight
+
+            register_quant_weight(module.base_layer)
             module.forward = _fused_forward(module)
             count += 1
     return count

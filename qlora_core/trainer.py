@@ -373,7 +373,6 @@ class Job:
         self.config, self.plugins = resolve(config, plugins, overrides)
         self.device = pick_device()
         self.plugins.hook.qlora_configure(config=self.config, device=self.device)
-        self._check_fused_lora_and_compile()
         self.compute_dtype = compute_dtype_for(self.config, self.device)
         self._output_dir = output_dir
         self._overwrite = overwrite
@@ -395,22 +394,6 @@ class Job:
     @property
     def hook(self) -> Any:
         return self.plugins.hook
-
-    def _check_fused_lora_and_compile(self) -> None:
-        """On CUDA the fused LoRA function cannot run inside compiled layers: at its graph break torch.compile
-        handed it liger-kernel's SwiGLU output flattened to 2-D, and the layer's residual sum failed
-        (docs/performance.md). An ``auto`` compile gives way to an explicit ``train.fused_lora``; both
-        explicit is refused."""
-        cfg = self.config
-        cuda = self.device == "cuda"
-        if not (cuda and auto_on(cfg["train.fused_lora"], cuda) and auto_on(cfg["train.compile"], cuda)):
-            return
-        if cfg["train.compile"] is True and cfg.is_explicit("train.compile"):
-            raise ConfigError(["train.fused_lora and train.compile cannot both be on on a CUDA GPU (the fused "
-                               "function breaks the compiled layers); set one of them to false"])
-        cfg.set("train.compile", False)
-
-    # ------------------------------------------------------------------ loading
 
     def model_path(self) -> str:
         """``model.name_or_path`` as resolved by the plugins (asked once per job)."""
