@@ -1,7 +1,8 @@
-"""Optimizers: paged AdamW in 8 or 32 bits (bitsandbytes) and torch's AdamW.
+"""Optimizers: paged AdamW in 8 or 32 bits (bitsandbytes), unpaged 8-bit AdamW, and torch's AdamW.
 
-Each is its own plugin (``paged-adamw-8bit``, the default, ``paged-adamw-32bit``, ``adamw``), picked with
-``--plugin NAME`` or ``train.optim: paged_adamw_32bit``.
+Each is its own plugin (``paged-adamw-8bit``, the default, ``paged-adamw-32bit``, ``adamw-8bit``, ``adamw``),
+picked with ``--plugin NAME`` or ``train.optim: paged_adamw_32bit``. ``adamw-8bit`` keeps the same 8-bit states
+without paging them (nothing to page when they fit: for LoRA they are small).
 """
 
 from __future__ import annotations
@@ -39,4 +40,5 @@ class AdamWPlugin:
 
 paged_adamw_8bit = AdamWPlugin("PagedAdamW8bit")
 paged_adamw_32bit = AdamWPlugin("PagedAdamW32bit")
+adamw_8bit = AdamWPlugin("AdamW8bit")
 adamw = AdamWPlugin("torch")

@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                          "set": ["train.fused_lora=true"]},
     "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
                              "set": ["train.lean_recompute=false"]},
+    "qlora+adamw-8bit": {"help": "bitsandbytes' 8-bit AdamW without paging", "plugins": ["adamw-8bit"]},
+    "qlora+torch-adamw": {"help": "torch's AdamW (32-bit states, multi-tensor kernels)", "plugins": ["adamw"]},
     "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},

@@ -205,7 +205,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "on running out of GPU memory, halve the micro-batch and double gradient accumulation, and go on"),
     Option("train.seed", "int", 42, "random seed for data order, adapters and dropout"),
     Option("train.optim", "str", None,
-           "optimizer plugin by name (paged_adamw_8bit, paged_adamw_32bit, adamw); default: paged_adamw_8bit",
+           "optimizer plugin by name (paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw); default: "
+           "paged_adamw_8bit",
            nullable=True),
     Option("train.sample_max_new_tokens", "int", 48,
            "tokens generated for the sample answer shown before and after training (0: no sample)", minimum=0),

@@ -717,7 +717,7 @@ class Plan:
 
 
 #: Optimizer plugins and their state bytes per trainable parameter.
-OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw": 8}
+OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw-8bit": 2, "adamw": 8}
 
 
 def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,

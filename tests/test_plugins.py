@@ -48,6 +48,19 @@ def test_requested_optimizer_replaces_the_default_one():
     assert plugins.implementers("qlora_optimizer") == ["adamw"]
 
 
+def test_unpaged_8bit_adamw_is_an_optimizer_of_its_own():
+    import torch
+
+    plugins = select_plugins(["adamw-8bit"])
+    assert plugins.implementers("qlora_optimizer") == ["adamw-8bit"]
+    param = torch.nn.Parameter(torch.ones(4096))
+    opt = plugins.hook.qlora_optimizer(params=[param], config={"train.learning_rate": 0.1, "train.weight_decay": 0.0})
+    assert type(opt).__name__ == "AdamW8bit"
+    param.grad = torch.ones(4096)
+    opt.step()
+    assert float(param.detach().max()) < 1.0  # it stepped
+
+
 def test_no_prefix_turns_a_default_off():
     plugins = select_plugins([], blocked=["gradient-checkpointing"])
     assert "gradient-checkpointing" not in plugins.names()
