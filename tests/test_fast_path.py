@@ -150,22 +150,29 @@ def test_lean_kbit_preparation_keeps_dtypes_and_the_upcast_stays_selectable(tiny
     assert norm_dtype(upcast) == torch.float32  # PEFT's prepare_model_for_kbit_training
 
 
+def _model_with_live_adapters(job):
+    """``job``'s data loaded and its model in training mode, the LoRA B matrices drawn away from their zero
+    init so that every adapter weight gets a gradient; with the first four training examples as a batch."""
+    from qlora_core.data import collate
+
+    job.load_data()
+    model = job.load_model()
+    model.train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model, collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lora_layers_match_peft_in_output_and_gradients(tiny_config, tmp_path, dropout):
     """The fused 4-bit base + LoRA function against PEFT's own forward: same logits-side loss, same gradients
     of every adapter weight and of the layer inputs (dropout masks replayed from the same seed)."""
-    from qlora_core.data import collate
     from qlora_core.lora_fused import fuse_lora_layers
 
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
     job = Job(cfg, overrides=["train.compile=false"], output_dir=tmp_path / "run")
-    job.load_data()
-    model = job.load_model()
-    model.train()
-    for name, p in model.named_parameters():  # adapters away from their zero init, so every gradient is tested
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+    model, batch = _model_with_live_adapters(job)
 
     def run():
         torch.manual_seed(7)
@@ -271,22 +278,15 @@ def test_lean_recompute_skips_the_output_projections_with_the_same_gradients(tin
     """train.lean_recompute (the default): the first backward checks the lean recomputation against the full one
     (NaN in the skipped outputs), then every later recomputation skips the down projections' forward matmul;
     losses and adapter gradients stay those of no checkpointing at all."""
-    from qlora_core.data import collate
     from qlora_core.layers import layer_policy, layer_state, set_checkpointed_layers
 
     calls = _count_grad_only(monkeypatch)
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
     job = Job(cfg, output_dir=tmp_path / "run")
-    job.load_data()
-    model = job.load_model()
-    model.train()
+    model, batch = _model_with_live_adapters(job)
     n_layers = layer_policy(model).layers
     assert layer_policy(model).lean is None and layer_state(model).output_projections == n_layers
     assert "checked on the first backward" in layer_policy(model).describe()
-    for name, p in model.named_parameters():  # adapters away from their zero init, so every gradient is tested
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
 
     def run():
         torch.manual_seed(5)
