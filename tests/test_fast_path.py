@@ -152,7 +152,10 @@ def test_lean_kbit_preparation_keeps_dtypes_and_the_upcast_stays_selectable(tiny
 
 def _model_with_live_adapters(job):
     """``job``'s data loaded and its model in training mode, the LoRA B matrices drawn away from their zero
-    init so that every adapter weight gets a gradient; with the first four training examples as a batch."""
+    init (from a seed per name: two jobs get the same) so that every adapter weight gets a gradient; with the
+    first four training examples as a batch."""
+    import zlib
+
     from qlora_core.data import collate
 
     job.load_data()
@@ -160,7 +163,9 @@ def _model_with_live_adapters(job):
     model.train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model, collate(job.train_examples[:4], job.tokenizer.pad_token_id)
 
 
@@ -202,18 +207,9 @@ def test_fused_lora_under_torch_compile_gives_peft_s_gradients(tiny_config, tmp_
     and adapter gradients as PEFT's uncompiled forward. On the H200 the earlier forms failed inside compiled
     layers (wrong gradients when traced, a flattened input at a graph break; the CPU showed neither), so the
     fused LoRA is now a custom op; benchmarks/fused_check.py checks the GPU."""
-    from qlora_core.data import collate
-
     def grads(overrides):
         job = Job(tiny_config, overrides=overrides, output_dir=tmp_path / str(len(overrides)))
-        job.load_data()
-        model = job.load_model()
-        model.train()
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-        batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+        model, batch = _model_with_live_adapters(job)
         return _loss_and_grads(job, model, batch)
 
     from torch._dynamo.utils import counters
@@ -350,19 +346,11 @@ def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_con
     hand the eager code a flattened view); gradients stay those of the uncompiled full recomputation."""
     from torch._dynamo.utils import counters
 
-    from qlora_core.data import collate
     from qlora_core.layers import layer_policy
 
     def grads(overrides):
         job = Job(tiny_config, overrides=overrides, output_dir=tmp_path / str(len(overrides)))
-        job.load_data()
-        model = job.load_model()
-        model.train()
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-        batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
+        model, batch = _model_with_live_adapters(job)
         _loss_and_grads(job, model, batch)  # the first backward checks the lean recomputation
         return _loss_and_grads(job, model, batch), layer_policy(model).lean
 
