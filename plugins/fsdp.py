@@ -163,21 +163,34 @@ def qlora_distribute_model(model, accelerator, config):
     if world > 1:
         for param in adapters:  # the same start on every process (they are seeded alike; made certain)
             dist.broadcast(param.data, src=0)
-            param.register_post_accumulate_grad_hook(adapter_grad_averager(wrapped, world))
+        # The trainer calls it after a step's last backward pass (the attribute is its contract with plugins).
+        wrapped._qlora_after_backward = adapter_grad_averager(world, adapters)
     return wrapped
 
 
-def adapter_grad_averager(wrapped, world: int):
-    """A post-accumulate-grad hook averaging an adapter's gradient across processes, skipped inside
-    ``no_sync()`` (every micro-batch but a step's last), as DDP does."""
+def adapter_grad_averager(world: int, params: list):
+    """Average the adapters' gradients across processes after a step's backward passes: one all-reduce per
+    dtype, of the gradients flattened together. One collective a step instead of one per adapter tensor (448
+    for Llama-3-8B at r=16 on all linear layers), each of which the compute stream would wait for; and none in
+    the micro-batches that accumulate."""
+    import torch
     import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    def average(param) -> None:
-        if getattr(wrapped, "_sync_gradients", True) and param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad.div_(world)
+    def average_all() -> None:
+        by_dtype: dict = {}
+        for p in params:
+            if p.grad is None:  # every process flattens the same tensors
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(world)
+            for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
 
-    return average
+    return average_all
 
 
 def _free_port() -> int:
