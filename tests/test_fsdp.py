@@ -246,3 +246,21 @@ def test_two_processes_train_on_random_weights_built_on_each(fsdp_config, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert [k for _, k, _ in losses(out)].count("loss") == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_under_ddp_train_as_one_process_does(fsdp_config, tmp_path):
+    """Without the fsdp plugin, several processes train under accelerate's DDP: the loss runs inside DDP's
+    forward (the fused head too), and 2 processes give the losses of 1 with the same global batch."""
+    cfg = copy.deepcopy(fsdp_config)
+    cfg["train"].update(max_steps=3, save_strategy="no")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    two = qlora("run", str(config), "--plugin", "no:rich-progress", "--nproc-per-node", "2",
+                "--output", str(tmp_path / "two"), cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = qlora("run", str(config), "--plugin", "no:rich-progress", "--set", "train.gradient_accumulation_steps=4",
+                "--output", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
+    assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)
