@@ -151,11 +151,6 @@ def qlora_distribute_model(model, accelerator, config):
         device = torch.device("cuda", torch.cuda.current_device())
     elif device.type == "cpu":
         device = torch.device("cpu")  # FSDP compares it with the parameters' device, which has no index
-    from qlora_core.layers import disable_lean_recompute
-
-    # The flat parameters carry no 4-bit quantization state, and the checked first lean backward would run the
-    # wrapped layers three times: the output projections are recomputed in full.
-    disable_lean_recompute(model)
     kwargs = wrap_kwargs(model, config, device)
     adapters = [p for m in kwargs["ignored_states"] for p in m.parameters(recurse=False) if p.requires_grad]
     wrapped = FullyShardedDataParallel(model, **kwargs)

@@ -215,12 +215,18 @@ def _grad_only(module, x, fill_nan: bool):
     changes no gradient)."""
     op = _grad_only_ops()
     compute = getattr(module, "compute_dtype", None) or x.dtype
+    if getattr(module, "quant_state", None) is not None and getattr(module.weight, "quant_state", None) is None:
+        # FSDP gathered the weight into a plain view: bitsandbytes keeps the state on the module and puts it back
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(module)
     return op(x.to(compute), module.weight, module.out_features, fill_nan).to(x.dtype)
 
 
 def _lean_capable(module) -> bool:
     """A frozen linear layer whose backward :func:`_grad_only` can do: a bitsandbytes 4-bit one with its
-    quantization state, or a plain one (not an FSDP flat parameter)."""
+    quantization state (which bitsandbytes also keeps on the module, for FSDP's gathered views), or a plain one
+    (not an FSDP flat parameter)."""
     import torch
 
     weight = getattr(module, "weight", None)
@@ -499,14 +505,6 @@ def checkpoint_layers(model, offload: bool = False, lean: bool = False) -> bool:
                     count += 1
     state.output_projections = count
     return True
-
-
-def disable_lean_recompute(model) -> None:
-    """Recompute the output projections in full (FSDP: the checked first backward would run the wrapped
-    layers three times)."""
-    state = layer_state(model)
-    if state is not None:
-        state.lean = False
 
 
 def compile_layers(model) -> bool:

@@ -196,7 +196,7 @@ def test_accelerate_launch_runs_the_same_job(fsdp_config, tmp_path):
 def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp_config, tmp_path):
     """FSDP's forward must run (it gathers the sharded weights), so the fused head and loss run inside it: the
     vocabulary's logits are never made. A one-process FSDP run (in its own interpreter: it starts a process
-    group) counts the fused loss's calls."""
+    group) counts the fused loss's calls; its recomputation is the lean one; its losses are the unwrapped run's."""
     script = tmp_path / "spy.py"
     script.write_text(
         "import json, sys\n"
@@ -212,7 +212,9 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
         "kernels.linear_cross_entropy_sum = spy\n"
         "job = Job(json.load(open(sys.argv[1])), plugins=['fsdp'], output_dir=sys.argv[2])\n"
         "result = job.run()\n"
+        "from qlora_core.layers import layer_policy\n"
         "print(json.dumps({'calls': len(calls), 'wrapped': job.distributed_by_plugin,\n"
+        "                  'lean': layer_policy(job.model).lean,\n"
         "                  'losses': [m['loss'] for m in result.metrics if 'loss' in m]}))\n")
     cfg = copy.deepcopy(fsdp_config)
     cfg["train"].update(max_steps=2, save_strategy="no")
@@ -225,6 +227,7 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["wrapped"] and len(out["losses"]) == 2
     assert out["calls"] >= 2 * 2  # every training micro-batch (2 a step) went through the fused loss
+    assert out["lean"] is True  # the lean recomputation passed its check on FSDP's gathered 4-bit weights
     one = Job(cfg, output_dir=tmp_path / "one").run()  # no FSDP: the same losses
     assert out["losses"] == pytest.approx([m["loss"] for m in one.metrics if "loss" in m], rel=1e-5)
 
