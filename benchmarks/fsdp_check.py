@@ -9,7 +9,7 @@ with the real tokenizer of ``--tokenizer``; the data are rows of random words lo
    ``--batch`` sequences per GPU, no gradient accumulation, LoRA r=16 on all linear layers, dropout 0;
 2. with ``--single``, the same config on one GPU without FSDP (``qlora run``), for the scaling ratio (the
    target: N=2 gives >= 1.8x the single GPU's tokens/s at the same per-GPU batch); the single run does the
-   same per-GPU work as FSDP's defaults (layers not compiled, recomputed in full);
+   same per-GPU work as FSDP's defaults (layers not compiled);
 3. ``qlora plan --gpus N --plugin fsdp``'s per-GPU estimate for the same config;
 4. the adapter reloaded with plain PEFT onto the base in 4 bits on one GPU, and a greedy generation.
 
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     result["measured_over_plan"] = peak / result["plan_gib_per_gpu"] if peak else None
     if args.single:
         single_config = out / "config-single.yaml"
-        # The per-GPU work FSDP does today (no compiled layers, full recomputation), on one GPU without FSDP.
+        # The per-GPU work FSDP does today (layers not compiled), on one GPU without FSDP.
         single = {k: v for k, v in cfg.items() if k != "fsdp"}
-        single["train"] = dict(single["train"], compile=False, lean_recompute=False)
+        single["train"] = dict(single["train"], compile=False)
         single_config.write_text(yaml.safe_dump(single))
         code, seconds = qlora_run(["run", str(single_config), *extra, "--output", str(out / "single")],
                                   out / "single.log")
