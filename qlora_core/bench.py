@@ -69,8 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
-ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss", "qlora+fused-lora",
-             "qlora-lean-recompute", "qlora-compile",
+ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss",
+             "qlora+fused-lora", "qlora-lean-recompute", "qlora-compile",
              "qlora-offload", "qlora+budget")
 
 
