@@ -132,6 +132,11 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> "dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _row_width(rows: Sequence[Sequence[TokenizedExample]]) -> int:
+    """The tokens of the fullest row: what every packed row is filled up to."""
+    return max(sum(len(x.input_ids) for x in row) for row in rows)
+
+
 def pack_rows(batch: Sequence[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:
     """Examples into as few rows of at most ``capacity`` tokens as first fit (longest first) finds, then spread
     evenly over that many rows (each example, longest first, into the emptiest row it fits), so that the rows'
@@ -193,7 +198,7 @@ def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = N
     import torch
 
     rows = [list(batch)] if row_tokens is None else pack_rows(batch, row_tokens)
-    width = max(sum(len(x.input_ids) for x in row) for row in rows)
+    width = _row_width(rows)
     ids, labels, positions = [], [], []
     for row in rows:
         row_ids = [t for x in row for t in x.input_ids]
@@ -249,7 +254,7 @@ def packed_waste(examples: Sequence[TokenizedExample], micro_batch_size: int, ro
     for i in range(0, len(examples), max(1, step_examples)):
         for group in token_budget_batches(examples[i:i + step_examples], micro_batch_size * row_tokens):
             rows = pack_rows(group, row_tokens)
-            computed += len(rows) * max(sum(len(x.input_ids) for x in row) for row in rows)
+            computed += len(rows) * _row_width(rows)
             real += sum(len(x.input_ids) for x in group)
     return (computed - real) / computed if computed else 0.0
 

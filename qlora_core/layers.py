@@ -156,6 +156,17 @@ def quant_state_of(weight):
     return getattr(module.weight, "quant_state", None)
 
 
+def dense_weight(weight, dtype):
+    """A frozen linear layer's weight as a dense matrix in ``dtype``: dequantized when it is a registered 4-bit
+    weight (:func:`quant_state_of`), else the weight itself."""
+    quant_state = quant_state_of(weight)
+    if quant_state is None:
+        return weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+
+
 _OPS: Any = None
 
 
@@ -184,13 +195,7 @@ def _grad_only_ops():
     @torch.library.custom_op("qlora::grad_only_linear_input_grad", mutates_args=(),
                              schema="(Tensor dy, Tensor weight, int in_features) -> Tensor")
     def input_grad(dy, weight, in_features):
-        quant_state = quant_state_of(weight)
-        if quant_state is not None:
-            import bitsandbytes.functional as bnbf
-
-            w = bnbf.dequantize_4bit(weight, quant_state).to(dy.dtype)
-        else:
-            w = weight.to(dy.dtype)
+        w = dense_weight(weight, dy.dtype)
         return (dy.reshape(-1, dy.shape[-1]) @ w).view(*dy.shape[:-1], in_features)
 
     @input_grad.register_fake
@@ -225,14 +230,14 @@ def _grad_only(module, x, fill_nan: bool):
 
 def _lean_capable(module) -> bool:
     """A frozen linear layer whose backward :func:`_grad_only` can do: a bitsandbytes 4-bit one with its
-    quantization state (which bitsandbytes also keeps on the module, for FSDP's gathered views), or a plain one
-    (not an FSDP flat parameter)."""
+    quantization state (which bitsandbytes also keeps on the module, for FSDP's gathered views), or a plain one.
+    Checked when the model is prepared, before any FSDP wrapping."""
     import torch
 
     weight = getattr(module, "weight", None)
     if not isinstance(module, torch.nn.Linear) or weight is None or weight.requires_grad:
         return False
-    if type(weight).__name__ == "FlatParameter" or hasattr(module, "_hf_hook"):  # FSDP; accelerate's offload
+    if hasattr(module, "_hf_hook"):  # accelerate's CPU offload moves the weight in and out
         return False
     if type(weight).__name__ == "Params4bit":
         return getattr(weight, "quant_state", None) is not None

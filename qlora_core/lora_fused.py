@@ -19,7 +19,7 @@ The forward and the backward are custom ops (``qlora::lora_4bit``, ``qlora::lora
 torch.compile traces around without a graph break and without looking inside. Two earlier forms failed on the
 H200 inside compiled layers: an autograd function traced by torch.compile gave wrong adapter gradients, and the
 same function kept out of the graph received a flattened input at its graph break (``benchmarks/fused_check.py``,
-docs/performance.md). The ops find the weight's quantization state through :func:`qlora_core.layers.quant_state_of`.
+docs/performance.md). The ops dequantize the weight through :func:`qlora_core.layers.dense_weight`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 _OPS: Any = None
-
-
-def _dequantize(weight, dtype):
-    import bitsandbytes.functional as bnbf
-
-    from .layers import quant_state_of
-
-    return bnbf.dequantize_4bit(weight, quant_state_of(weight)).to(dtype)
 
 
 def _ops():
@@ -47,6 +39,8 @@ def _ops():
         return _OPS
     import torch
 
+    from .layers import dense_weight
+
     @torch.library.custom_op("qlora::lora_4bit", mutates_args=(),
                              schema="(Tensor x, Tensor xd, Tensor weight, Tensor? bias, Tensor lora_a, "
                                     "Tensor lora_b, float scaling, bool same) -> Tensor")
@@ -55,7 +49,7 @@ def _ops():
         x2 = x.reshape(-1, shape[-1])
         xd2 = x2 if same else xd.reshape(-1, shape[-1])
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        y = x2 @ _dequantize(weight, x.dtype).t()
+        y = x2 @ dense_weight(weight, x.dtype).t()
         if bias is not None:
             y += bias.to(y.dtype)
         y.addmm_(xd2 @ a.t(), b.t(), alpha=scaling)
@@ -77,7 +71,7 @@ def _ops():
         empty = dy.new_empty(0)
         dx = dxd = da = db = empty
         if needs[0]:
-            dx = dy2 @ _dequantize(weight, dy.dtype)
+            dx = dy2 @ dense_weight(weight, dy.dtype)
             if same:
                 dx.addmm_(dyb, a, alpha=scaling)
             dx = dx.view(*dy.shape[:-1], n_in)

@@ -224,22 +224,13 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
     With ``fused`` the head and the loss run chunk by chunk (:func:`qlora_core.kernels.linear_cross_entropy_sum`)
     and not even the answers' logits are kept.
     """
-    import torch
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     causal = _plain_head_model(model)
     if causal is not None:
-        hidden = causal.get_decoder()(**_model_inputs(batch)).last_hidden_state
-        head = causal.get_output_embeddings()
-        selected = hidden[:, :-1][keep]
-        if fused and type(head) is torch.nn.Linear and head.bias is None:
-            from .kernels import linear_cross_entropy_sum
-
-            loss = linear_cross_entropy_sum(selected, head.weight, labels[keep])
-        else:
-            loss = F.cross_entropy(head(selected).float(), labels[keep], reduction="sum")
+        loss = _answer_loss_sum(causal, _model_inputs(batch), batch["labels"], fused)
     elif fused and _loss_forward_installed(model):
         # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
         # inside it, with the fused head, and the logits are never made.
@@ -248,6 +239,30 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
         logits = model(**_model_inputs(batch)).logits
         loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+def _fusable_head(head) -> bool:
+    """Whether the output head is a plain linear layer the fused head + loss can take the weight of."""
+    import torch
+
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def _answer_loss_sum(causal, inputs: dict[str, Any], labels, fused: bool):
+    """The summed next-token loss of a plain-head causal LM, its head run on the answer positions only (with
+    ``fused`` and a plain linear head, chunk by chunk: :func:`qlora_core.kernels.linear_cross_entropy_sum`)."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = causal.get_decoder()(**inputs).last_hidden_state
+    head = causal.get_output_embeddings()
+    selected = hidden[:, :-1][keep]
+    if fused and _fusable_head(head):
+        from .kernels import linear_cross_entropy_sum
+
+        return linear_cross_entropy_sum(selected, head.weight, targets[keep])
+    return F.cross_entropy(head(selected).float(), targets[keep], reduction="sum")
 
 
 def _loss_forward_installed(model) -> bool:
@@ -261,14 +276,11 @@ def install_loss_forward(model) -> bool:
     ``qlora_token_loss_sum=True`` and ``labels``, returns only the summed token loss (the answer positions through
     the fused head and cross-entropy, :func:`qlora_core.kernels.linear_cross_entropy_sum`); any other call runs
     the model's own forward. False for architectures whose head is not a plain linear layer."""
-    import torch
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     causal = _plain_head_model(inner)
     if causal is None or getattr(causal, "_qlora_loss_forward", False):
         return causal is not None
-    head = causal.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if not _fusable_head(causal.get_output_embeddings()):
         return False
     original = causal.forward
 
@@ -277,13 +289,9 @@ def install_loss_forward(model) -> bool:
             return original(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        from .kernels import linear_cross_entropy_sum
-
         inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        labels = kwargs["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        return CausalLMOutputWithPast(loss=linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, labels[keep]))
+        return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(inputs, use_cache=False), kwargs["labels"],
+                                                           fused=True))
 
     causal.forward = forward
     causal._qlora_loss_forward = True
@@ -677,8 +685,7 @@ class Job:
         (attention within each example costs what it would unpacked: one long row would cost its square), else
         right-padded."""
         if self.config["train.packing"]:
-            pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
-            return collate_packed(examples, self.config["train.max_seq_length"], pad if pad is not None else 0)
+            return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id)
         return collate(examples, self.tokenizer.pad_token_id)
 
     def _examples_per_step(self, world: int) -> int:

@@ -35,6 +35,16 @@ def qlora(*args, cwd) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def qlora_run(cfg: dict, tmp_path, out: str, *args) -> tuple:
+    """``qlora run`` on ``cfg`` (written to ``tmp_path/out.yaml``) into ``tmp_path/out``, with ``args``; it must
+    succeed."""
+    config = tmp_path / f"{out}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = qlora("run", str(config), *args, "--output", str(tmp_path / out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, tmp_path / out
+
+
 @pytest.fixture
 def fsdp_config(tiny_config) -> dict:
     cfg = copy.deepcopy(tiny_config)
@@ -45,12 +55,8 @@ def fsdp_config(tiny_config) -> dict:
 
 
 def test_two_processes_train_as_one_process_does_and_resume(fsdp_config, tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(fsdp_config))
-    out = tmp_path / "fsdp"
-    done = qlora("run", str(config), "--plugin", "fsdp", "--plugin", "no:rich-progress", "--nproc-per-node", "2",
-                 "--output", str(out), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done, out = qlora_run(fsdp_config, tmp_path, "fsdp", "--plugin", "fsdp", "--plugin", "no:rich-progress",
+                          "--nproc-per-node", "2")
     assert done.stdout.count("run folder:") == 1  # rank 0 only
 
     # One process, no FSDP, the same global batch (2 per process x 2 processes): the same losses.
@@ -241,12 +247,7 @@ def test_two_processes_train_on_random_weights_built_on_each(fsdp_config, tmp_pa
     cfg = copy.deepcopy(fsdp_config)
     cfg["model"]["name_or_path"] = str(folder)
     cfg["train"].update(max_steps=2, save_strategy="no")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "out"
-    done = qlora("run", str(config), "--plugin", "fsdp", "--plugin", "random-weights", "--nproc-per-node", "2",
-                 "--output", str(out), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _, out = qlora_run(cfg, tmp_path, "out", "--plugin", "fsdp", "--plugin", "random-weights", "--nproc-per-node", "2")
     assert [k for _, k, _ in losses(out)].count("loss") == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -256,14 +257,9 @@ def test_two_processes_under_ddp_train_as_one_process_does(fsdp_config, tmp_path
     forward (the fused head too), and 2 processes give the losses of 1 with the same global batch."""
     cfg = copy.deepcopy(fsdp_config)
     cfg["train"].update(max_steps=3, save_strategy="no")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    two = qlora("run", str(config), "--plugin", "no:rich-progress", "--nproc-per-node", "2",
-                "--output", str(tmp_path / "two"), cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = qlora("run", str(config), "--plugin", "no:rich-progress", "--set", "train.gradient_accumulation_steps=4",
-                "--output", str(tmp_path / "one"), cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    got, expected = losses(tmp_path / "two"), losses(tmp_path / "one")
+    _, two = qlora_run(cfg, tmp_path, "two", "--plugin", "no:rich-progress", "--nproc-per-node", "2")
+    _, one = qlora_run(cfg, tmp_path, "one", "--plugin", "no:rich-progress",
+                       "--set", "train.gradient_accumulation_steps=4")
+    got, expected = losses(two), losses(one)
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)
