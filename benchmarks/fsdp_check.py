@@ -139,6 +139,7 @@ def figures(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "run.json").read_text()).get("summary", {})
     return {"tokens_per_second": tokens / seconds, "tokens_per_step": timed[-1]["tokens"],
             "seconds_per_step": seconds / len(timed), "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+            "peak_gpu_memory_loading_gib": summary.get("peak_gpu_memory_loading_gib"),
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
 
 

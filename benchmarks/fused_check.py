@@ -6,7 +6,9 @@ forward values and gradients, printed as one JSON object (max abs / relative dif
 * liger-kernel's RMSNorm, RoPE and SwiGLU (the ``liger-kernels`` plugin) vs transformers' own Llama layer;
 * qlora's checkpointing with CPU offload and lean recomputation (``qlora_core.layers``), torch.compile of the
   layers and the fused 4-bit + LoRA op (``qlora_core.lora_fused``) vs plain layers and PEFT's LoRA forward:
-  loss and every LoRA gradient of a 4-bit model. A variant that fails is reported beside the others.
+  loss and every LoRA gradient of a 4-bit model. A variant that fails is reported beside the others;
+* qlora's varlen attention for packed examples (torch's flash kernel) vs each example through sdpa alone, eager
+  and compiled.
 
     python benchmarks/fused_check.py [--out FILE]
 
@@ -170,6 +172,51 @@ def check_layers(results: dict) -> None:
         results[name] = r
 
 
+def check_varlen(results: dict) -> None:
+    """qlora's varlen attention (torch's flash kernel for packed examples) against each example through sdpa
+    alone: output and the gradients of q, k and v, grouped-query heads, eager and inside torch.compile (two
+    different packings, the second one recompiled with a dynamic length)."""
+    import torch
+
+    from qlora_core import varlen
+
+    def attention(q, k, v, cu):
+        with varlen.packed_forward():
+            return varlen.varlen_attention(None, q, k, v, None, scaling=q.shape[-1] ** -0.5, cu_seq_lens_q=cu)[0]
+
+    def reference(q, k, v, cu):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        qs, ks, vs = (t[0].transpose(0, 1).float() for t in (q, k, v))
+        return varlen._reference(qs, ks, vs, cu.cpu(), q.shape[-1] ** -0.5).unsqueeze(0)
+
+    compiled = torch.compile(attention)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    varlen._longest = 2048
+    out: dict = {}
+    for name, lengths, fn in (("eager", [700, 64, 1500, 33, 1800], attention),
+                              ("compiled", [700, 64, 1500, 33, 1800], compiled),
+                              ("compiled_other_lengths", [2048, 5, 999, 1200], compiled)):
+        t = sum(lengths)
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        q = torch.randn(1, 32, t, 128, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        k = torch.randn(1, 8, t, 128, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        v = torch.randn(1, 8, t, 128, device="cuda", generator=g).bfloat16().requires_grad_(True)
+        up = torch.randn(1, t, 32, 128, device="cuda", generator=g).bfloat16()
+        got = fn(q, k, v, cu)
+        grads = torch.autograd.grad(got, (q, k, v), up)
+        q2, k2, v2 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+        ref = reference(q2, k2, v2, cu)
+        ref_grads = torch.autograd.grad(ref, (q2, k2, v2), up.float())
+        r = {"out": _diff(got, ref)}
+        r.update({f"grad_{n}": _diff(a, b) for n, a, b in zip("qkv", grads, ref_grads)})
+        r["ok"] = all(x["rel"] < 2e-2 for x in r.values())
+        out[name] = r
+    varlen._longest = None
+    out["ok"] = all(r["ok"] for r in out.values())
+    results["varlen_attention"] = out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
@@ -180,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: fused_check needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2
     results: dict = {"gpu": torch.cuda.get_device_name(0)}
-    for check in (check_loss, check_liger_layers, check_layers):
+    for check in (check_loss, check_liger_layers, check_layers, check_varlen):
         try:
             check(results)
         except Exception as e:  # noqa: BLE001 - report and go on with the other checks

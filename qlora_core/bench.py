@@ -54,23 +54,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
     "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
                          "set": ["train.fused_cross_entropy=false"]},
-    "qlora+fused-lora": {"help": "the fused 4-bit + LoRA op instead of PEFT's LoRA forward",
-                         "set": ["train.fused_lora=true"]},
+    "qlora-fused-lora": {"help": "PEFT's LoRA forward instead of the fused 4-bit + LoRA op (and so, by "
+                                 "train.compile's auto, compiled layers: the previous defaults)",
+                         "set": ["train.fused_lora=false"]},
     "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
                              "set": ["train.lean_recompute=false"]},
+    "qlora-flat-params": {"help": "the optimizer steps each adapter tensor separately (train.flat_params=false)",
+                          "set": ["train.flat_params=false"]},
     "qlora+adamw-8bit": {"help": "bitsandbytes' 8-bit AdamW without paging", "plugins": ["adamw-8bit"]},
     "qlora+torch-adamw": {"help": "torch's AdamW (32-bit states, multi-tensor kernels)", "plugins": ["adamw"]},
-    "qlora-compile": {"help": "without torch.compile of the decoder layers", "set": ["train.compile=false"]},
+    "qlora+compile": {"help": "with torch.compile of the decoder layers (off by default around the fused LoRA op)",
+                      "set": ["train.compile=true"]},
     "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
                       "set": ["train.activation_offload=false"]},
     "qlora-checkpointing": {"help": "no gradient checkpointing at all", "plugins": ["no:gradient-checkpointing"]},
-    "qlora+packing": {"help": "padding-free packing of each micro-batch (train.packing)",
+    "qlora+packing": {"help": "padding-free packing of each micro-batch (train.packing; varlen attention on CUDA)",
                       "set": ["train.packing=true"]},
+    "qlora+packing-rows": {"help": "packing into rows of max_seq_length with filler and block-diagonal masks",
+                           "set": ["train.packing=true", "train.packing_attention=rows"]},
     "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
                      "set": ["train.gpu_memory_budget=40"]},
 }
 ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss",
-             "qlora+fused-lora", "qlora-lean-recompute", "qlora-compile",
+             "qlora-fused-lora", "qlora-lean-recompute", "qlora-flat-params", "qlora+compile",
              "qlora-offload", "qlora+budget")
 
 
@@ -351,10 +357,15 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     from .layers import layer_policy
 
     policy = layer_policy(job.model)
+    memory = _memory()
+    # The trainer reports loading's peak apart and measures training's afresh; the bench's figure is both's.
+    loading = result.summary.get("peak_gpu_memory_loading_gib")
+    if loading is not None and loading > memory["peak_allocated_gib"]:
+        memory["peak_allocated_gib"] = loading
     return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
             "layers": policy.describe() if policy else None,
             "padding_waste": result.summary.get("padding_waste", {}).get(
-                "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **_memory()}
+                "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **memory}
 
 
 def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Path) -> dict[str, Any]:
@@ -381,7 +392,9 @@ def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Pat
         tps = sum(s["tokens"] for s in measured) / sum(s["seconds"] for s in measured)
     result.update(variant=name, help=spec.get("help", ""), median_step_seconds=seconds,
                   tokens_per_second=tps, losses=[s["loss"] for s in result["steps"]],
-                  final_loss=result["steps"][-1]["loss"])
+                  final_loss=result["steps"][-1]["loss"],
+                  step_seconds=[round(s["seconds"], 4) for s in result["steps"]],
+                  step_tokens=[s["tokens"] for s in result["steps"]])
     del result["steps"]
     return result
 

@@ -200,7 +200,8 @@ CORE_OPTIONS: tuple[Option, ...] = (
            check=_positive_or_minus_one),
     Option("train.packing", "bool", False,
            "padding-free batches: micro-batches of up to per_device_train_batch_size x max_seq_length tokens, "
-           "packed into rows of up to max_seq_length tokens, attention kept within each example"),
+           "packed into one row or into rows of up to max_seq_length tokens (train.packing_attention), "
+           "attention kept within each example"),
     Option("train.auto_find_batch_size", "bool", False,
            "on running out of GPU memory, halve the micro-batch and double gradient accumulation, and go on"),
     Option("train.seed", "int", 42, "random seed for data order, adapters and dropout"),
@@ -212,11 +213,11 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "tokens generated for the sample answer shown before and after training (0: no sample)", minimum=0),
     Option("train.num_threads", "int", 0, "CPU threads for torch (0: leave torch's default)", minimum=0),
     Option("train.compile", "auto_bool", "auto",
-           "compile each decoder layer with torch.compile (auto: on CUDA)"),
-    Option("train.fused_lora", "auto_bool", False,
+           "compile each decoder layer with torch.compile (auto: on CUDA without train.fused_lora; with the fused "
+           "op the layers were measured faster uncompiled: docs/performance.md)"),
+    Option("train.fused_lora", "auto_bool", "auto",
            "compute each 4-bit linear layer and its LoRA adapter in one custom op, without PEFT's output-sized "
-           "temporaries (auto: on CUDA); off until its speed with compiled layers is measured "
-           "(docs/performance.md)"),
+           "temporaries (auto: on CUDA, where it was measured faster: docs/performance.md)"),
     Option("train.fused_cross_entropy", "bool", True,
            "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
            "(liger-kernel's kernel on CUDA when installed)"),
@@ -227,6 +228,15 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "with gradient checkpointing: skip the forward matmul of each layer's output projection (MLP down "
            "projection) in the recomputation, since backward never reads its output; checked against the full "
            "recomputation on the first backward"),
+    Option("train.packing_attention", "str", "auto",
+           "with train.packing, how attention keeps packed examples apart: varlen (each micro-batch one row, the "
+           "examples end to end, torch's variable-length flash attention; no filler, no mask), rows (rows of up "
+           "to train.max_seq_length tokens, block-diagonal masks, filler segments), auto (varlen on CUDA when "
+           "torch has the kernel, else rows)", choices=("auto", "varlen", "rows")),
+    Option("train.flat_params", "bool", True,
+           "gather the trainable parameters and their gradients into one buffer per dtype, so the optimizer "
+           "and gradient clipping step one tensor instead of one per adapter matrix (not with DDP); set false "
+           "for an optimizer plugin that needs each matrix's shape"),
     Option("train.gpu_memory_budget", "float", 0.0,
            "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
            "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),

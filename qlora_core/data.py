@@ -181,7 +181,7 @@ def pack_rows(batch: Sequence[TokenizedExample], capacity: int) -> list[list[Tok
 
 
 def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = None,
-                   pad_token_id: int = 0) -> "dict[str, torch.Tensor]":
+                   pad_token_id: int = 0, varlen: bool = False) -> "dict[str, torch.Tensor]":
     """Padding-free packing: the micro-batch's examples concatenated into one row, or with ``row_tokens`` into
     rows of at most that many tokens (:func:`pack_rows`).
 
@@ -190,14 +190,16 @@ def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = N
     each example and costs what the examples alone would, not the square of a long row. The first label of
     every example is masked, so no example's first token is predicted from the previous example's last one; the
     padded path never predicts it either (a row's first label has no prediction), so both paths compute the
-    same loss over the same answer tokens. There is no ``attention_mask``: with one, transformers would not
+    same loss over the same answer tokens. With ``varlen`` (one row, ``row_tokens`` ignored) the batch also
+    has ``cu_seq_lens``, the examples' cumulative lengths (int32), for :mod:`qlora_core.varlen`'s attention,
+    which needs no mask and no filler. There is no ``attention_mask``: with one, transformers would not
     look for packed sequences and would let the examples attend to each other. Rows shorter than the longest
     end with a filler segment of ``pad_token_id`` (positions from 0, no labels): a sequence of its own that
     no example attends to. ``real_token_count`` is the examples' tokens, fillers left out.
     """
     import torch
 
-    rows = [list(batch)] if row_tokens is None else pack_rows(batch, row_tokens)
+    rows = [list(batch)] if row_tokens is None or varlen else pack_rows(batch, row_tokens)
     width = _row_width(rows)
     ids, labels, positions = [], [], []
     for row in rows:
@@ -214,8 +216,12 @@ def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = N
     positions_t = torch.tensor(positions, dtype=torch.long)
     labels_t[positions_t == 0] = IGNORE_INDEX
     real = sum(len(x.input_ids) for x in batch)
-    return {"input_ids": ids_t, "position_ids": positions_t, "labels": labels_t,
-            "real_token_count": torch.tensor(real, dtype=torch.long)}
+    out = {"input_ids": ids_t, "position_ids": positions_t, "labels": labels_t,
+           "real_token_count": torch.tensor(real, dtype=torch.long)}
+    if varlen:
+        lengths = torch.tensor([0] + [len(x.input_ids) for x in rows[0]], dtype=torch.int32)
+        out["cu_seq_lens"] = lengths.cumsum(0, dtype=torch.int32)
+    return out
 
 
 def real_tokens(batch: "dict[str, torch.Tensor]") -> int:

@@ -51,6 +51,9 @@ class _Offloader:
 
     stream: Any = None
     buffers: dict[int, Any] = field(default_factory=dict)  # layer index -> pinned CPU buffer (reused every step)
+    # Tokens of the largest micro-batch expected (0: unknown): a buffer is allocated that large at once, not
+    # regrown (pinned allocation is slow: about a second for 2 GiB) each time ragged batches bring a longer one.
+    capacity_tokens: int = 0
     pending: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # prefetched: index -> (gpu tensor, event)
 
     def offload(self, index: int, x):
@@ -64,7 +67,8 @@ class _Offloader:
         numel = x.numel()
         buf = self.buffers.get(index)
         if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
-            buf = torch.empty(numel, dtype=x.dtype, pin_memory=True)
+            size = max(numel, self.capacity_tokens * x.shape[-1])
+            buf = torch.empty(size, dtype=x.dtype, pin_memory=True)
             self.buffers[index] = buf
         cpu = buf[:numel].view(x.shape)
         self.stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -510,6 +514,13 @@ def checkpoint_layers(model, offload: bool = False, lean: bool = False) -> bool:
                     count += 1
     state.output_projections = count
     return True
+
+
+def reserve_offload(model, tokens: int) -> None:
+    """Size the offload buffers for micro-batches of up to ``tokens`` tokens (batch x sequence)."""
+    state = layer_state(model)
+    if state is not None:
+        state.offloader.capacity_tokens = tokens
 
 
 def compile_layers(model) -> bool:

@@ -213,7 +213,18 @@ def _model_inputs(batch) -> dict[str, Any]:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
+    if "cu_seq_lens" in batch:  # one packed row for the varlen attention (qlora_core.varlen)
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seq_lens"]
     return inputs
+
+
+def _packed_context(batch):
+    """The varlen attention's packed-forward context for a batch that carries ``cu_seq_lens``."""
+    if "cu_seq_lens" not in batch:
+        return nullcontext()
+    from .varlen import packed_forward
+
+    return packed_forward()
 
 
 def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, int]":
@@ -229,15 +240,16 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     causal = _plain_head_model(model)
-    if causal is not None:
-        loss = _answer_loss_sum(causal, _model_inputs(batch), batch["labels"], fused)
-    elif fused and _loss_forward_installed(model):
-        # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
-        # inside it, with the fused head, and the logits are never made.
-        loss = model(**_model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
-    else:
-        logits = model(**_model_inputs(batch)).logits
-        loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    with _packed_context(batch):
+        if causal is not None:
+            loss = _answer_loss_sum(causal, _model_inputs(batch), batch["labels"], fused)
+        elif fused and _loss_forward_installed(model):
+            # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
+            # inside it, with the fused head, and the logits are never made.
+            loss = model(**_model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
+        else:
+            logits = model(**_model_inputs(batch)).logits
+            loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
 
 
@@ -306,14 +318,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
-def packed_attention_errors(model) -> tuple[float, float]:
+def packed_attention_errors(model, varlen: bool = False) -> tuple[float, float]:
     """How far a packed example's logits are from the same example's logits alone.
 
     A probe example (4 random tokens) is run alone, packed after a 16-token example (``collate_packed``), and
     as the continuation of that example (one sequence, positions not restarting: the probe sees the other
     example's tokens, whatever the attention implementation). :returns: the relative distances of the packed
     logits and of the crossed logits from the lone ones; the first is rounding noise when attention stays
-    within each example, the second is what crossing changes.
+    within each example, the second is what crossing changes. With ``varlen`` the batches are the varlen
+    attention's one-row form (``cu_seq_lens``).
     """
     import torch
 
@@ -322,15 +335,18 @@ def packed_attention_errors(model) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(0)
     first, probe = (torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (16, 4))
     device = input_device(model)
-    alone = collate_packed([TokenizedExample(probe, probe)])
-    packed = collate_packed([TokenizedExample(first, first), TokenizedExample(probe, probe)])
-    crossed = collate_packed([TokenizedExample(first + probe, first + probe)])
+    alone = collate_packed([TokenizedExample(probe, probe)], varlen=varlen)
+    packed = collate_packed([TokenizedExample(first, first), TokenizedExample(probe, probe)], varlen=varlen)
+    crossed = collate_packed([TokenizedExample(first + probe, first + probe)], varlen=varlen)
     was_training = model.training
     model.eval()  # no dropout
     try:
         with torch.no_grad():
-            out = [model(**_model_inputs({k: v.to(device) for k, v in b.items()})).logits[0, -len(probe):].float()
-                   for b in (alone, packed, crossed)]
+            out = []
+            for b in (alone, packed, crossed):
+                with _packed_context(b):
+                    logits = model(**_model_inputs({k: v.to(device) for k, v in b.items()})).logits
+                out.append(logits[0, -len(probe):].float())
     except TypeError as e:
         raise UsageError(f"train.packing: the model does not take packed inputs (position_ids): {e}") from None
     finally:
@@ -340,7 +356,7 @@ def packed_attention_errors(model) -> tuple[float, float]:
     return float((out[1] - out[0]).norm() / scale), float((out[2] - out[0]).norm() / scale)
 
 
-def check_packed_attention(model) -> None:
+def check_packed_attention(model, varlen: bool = False) -> None:
     """Refuse ``train.packing`` for a model whose attention would cross the packed examples.
 
     transformers keeps attention within each packed example from the restarting ``position_ids``: sdpa, eager
@@ -348,7 +364,7 @@ def check_packed_attention(model) -> None:
     through its variable-length kernel (cu_seqlens from the positions). A model built otherwise (remote code,
     an attention implementation that ignores both) would silently train on crossed attention.
     """
-    packed, crossed = packed_attention_errors(model)
+    packed, crossed = packed_attention_errors(model, varlen)
     name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
     if not crossed >= 1e-3:  # also NaN
@@ -372,6 +388,7 @@ class Job:
                  overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False,
                  resume: str | Path | None = None):
         self._resume_from: Path | None = None
+        self._flat = None  # the trainable parameters gathered for the optimizer (train.flat_params), once running
         if resume is not None:
             if config is not None or plugins:
                 raise UsageError("--resume continues a run with its own config.yaml and plugins; give no CONFIG "
@@ -398,6 +415,7 @@ class Job:
         self.distributed_by_plugin = False  # a qlora_distribute_model plugin wrapped the model (FSDP)
         self._order_cache: dict[str, Any] = {}
         self._packing_checked = False
+        self._varlen = False  # packed micro-batches as one row for the varlen attention (set when a run starts)
 
     @property
     def hook(self) -> Any:
@@ -536,11 +554,14 @@ class Job:
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
         cuda = self.device == "cuda"
-        if auto_on(cfg["train.fused_lora"], cuda):
+        fused = auto_on(cfg["train.fused_lora"], cuda)
+        if fused:
             from .lora_fused import fuse_lora_layers
 
             fuse_lora_layers(self.model)
-        if auto_on(cfg["train.compile"], cuda):
+        # auto: compiled on CUDA, except around the fused LoRA op, where the layers measured faster without
+        # (11,478 compiled against 11,831 tokens/s on the Llama-3-8B shape: docs/performance.md).
+        if auto_on(cfg["train.compile"], cuda and not fused):
             from .layers import compile_layers
 
             compile_layers(self.model)
@@ -606,6 +627,14 @@ class Job:
         if model is None:
             model = accelerator.prepare_model(self.model, device_placement=False)
         params = [p for p in model.parameters() if p.requires_grad]
+        self._flat = None
+        if cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
+            # DDP keeps per-tensor gradient buckets of its own; a plugin's wrapper (fsdp) leaves the adapters
+            # as they are, so they can be gathered like an unwrapped model's.
+            from .flat import FlatParams
+
+            self._flat = FlatParams(params)
+            params = self._flat.params
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
@@ -637,6 +666,12 @@ class Job:
 
             for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
+        self._varlen = self._use_varlen()
+        attn_before = None
+        if self._varlen:
+            from .varlen import use_varlen
+
+            attn_before = use_varlen(self.model, longest=cfg["train.max_seq_length"])
         if cfg["train.packing"]:
             with accelerator.autocast():
                 self._check_packing(model)
@@ -645,7 +680,9 @@ class Job:
             mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
                                        accelerator.num_processes)
             waste = padding_waste(mine, state.micro_batch_size)
-            if cfg["train.packing"]:
+            if self._varlen:
+                waste["packed_filler_waste"] = 0.0  # one row a micro-batch, the examples end to end
+            elif cfg["train.packing"]:
                 waste["packed_filler_waste"] = packed_waste(
                     mine, state.micro_batch_size, cfg["train.max_seq_length"],
                     state.micro_batch_size * cfg["train.gradient_accumulation_steps"])
@@ -662,17 +699,38 @@ class Job:
         except BaseException as e:
             record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
             raise
+        finally:
+            if attn_before is not None:  # generation and evaluation afterwards use the model's own attention
+                from .varlen import restore
+
+                restore(self.model, attn_before)
         record.finish("completed")
         return result
 
     def _check_packing(self, model) -> None:
         if not self._packing_checked:
-            check_packed_attention(model)
+            check_packed_attention(model, self._varlen)
             self._packing_checked = True
+
+    def _use_varlen(self) -> bool:
+        """Whether packed micro-batches go through the varlen attention (train.packing_attention)."""
+        cfg = self.config
+        if not cfg["train.packing"]:
+            return False
+        mode = cfg["train.packing_attention"]
+        if mode == "auto":
+            from .varlen import cuda_kernel_available
+
+            return self.device == "cuda" and cuda_kernel_available()
+        return mode == "varlen"
 
     def _padding_message(self, waste: dict[str, Any]) -> str:
         mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
         counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
+        if self._varlen:
+            return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, each one row of the "
+                    f"examples end to end (varlen attention, no filler); padded micro-batches of {mb} would be "
+                    f"{share} padding ({counts})")
         if self.config["train.packing"]:
             return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, packed into rows of up to "
                     f"train.max_seq_length tokens ({waste.get('packed_filler_waste', 0.0):.1%} filler); "
@@ -685,7 +743,8 @@ class Job:
         (attention within each example costs what it would unpacked: one long row would cost its square), else
         right-padded."""
         if self.config["train.packing"]:
-            return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id)
+            return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id,
+                                  varlen=self._varlen)
         return collate(examples, self.tokenizer.pad_token_id)
 
     def _examples_per_step(self, world: int) -> int:
@@ -825,6 +884,17 @@ class Job:
                 loss_sum = accelerator.reduce(loss_sum, reduction="sum")
             return float(loss_sum), n_targets, int(tokens)
 
+    def _reserve_offload(self) -> None:
+        """Tell the activation offload the largest micro-batch to expect (tokens), so its pinned CPU buffers are
+        allocated once rather than regrown as ragged batches bring longer ones."""
+        from .layers import reserve_offload
+
+        cfg = self.config
+        size = cfg["train.per_device_train_batch_size"]
+        longest = max((len(x.input_ids) for x in self.train_examples), default=0)
+        width = cfg["train.max_seq_length"] if cfg["train.packing"] else min(longest, cfg["train.max_seq_length"])
+        reserve_offload(self.model, size * width)
+
     def _layer_notices(self, run: Run, model) -> None:
         from .layers import layer_policy
 
@@ -890,7 +960,8 @@ class Job:
         hook = self.hook
         device = accelerator.device
         world, rank = accelerator.num_processes, accelerator.process_index
-        params = [p for p in model.parameters() if p.requires_grad]
+        flat = self._flat
+        params = flat.params if flat is not None else [p for p in model.parameters() if p.requires_grad]
         per_step = self._examples_per_step(world)
         n = len(self.train_examples)
         if state.step == 0:
@@ -902,10 +973,19 @@ class Job:
             self._show_sample(run, "before")
         run.step = state.step
         self._layer_notices(run, model)
+        self._reserve_offload()
         hook.qlora_on_train_start(run=run)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
+        if device.type == "cuda":
+            # Loading (and FSDP's sharding, which starts from the whole model on each GPU) peaks apart from
+            # training: both are reported, and the per-step figures are training's own.
+            loading = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+            if world > 1:
+                torch.distributed.all_reduce(loading, op=torch.distributed.ReduceOp.MAX)
+            state.summary.setdefault("peak_gpu_memory_loading_gib", float(loading) / 2**30)
+            torch.cuda.reset_peak_memory_stats(device)
         model.train()
         started = time.perf_counter() - state.train_seconds
         for step in range(state.step + 1, run.max_steps + 1):
@@ -917,11 +997,16 @@ class Job:
             if budgeting:
                 self._apply_budget(run, model, device)
             grad_norm = None
+            if flat is not None:
+                flat.collect()
             if cfg["train.max_grad_norm"] > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             epoch_before = state.examples_seen // n
             state.examples_seen += per_step
             state.step = run.step = step

@@ -256,3 +256,69 @@ def test_packed_waste_counts_the_filler_of_each_micro_batch_s_rows():
     assert [[len(x.input_ids) for x in row] for row in pack_rows(examples[:3], 8)] == [[6], [3, 2]]
     assert packed_waste(examples, micro_batch_size=2, row_tokens=8, step_examples=4) == pytest.approx(1 / 20)
     assert packed_waste(ragged_examples(200, lengths=(4, 4)), 1, 8, 2) == 0.0
+
+
+def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
+    """qlora's varlen attention (one row, bounds from cu_seq_lens, no mask): on the CPU its reference, each
+    example through sdpa alone; grouped-query heads (4 query, 2 key/value) included."""
+    from qlora_core import varlen
+
+    model = tiny_llama("sdpa")
+    before = varlen.use_varlen(model)
+    assert before == "sdpa" and model.config._attn_implementation == varlen.NAME
+    examples = ragged_examples(200)
+    batch = collate_packed(examples, row_tokens=32, varlen=True)  # varlen: one row whatever row_tokens says
+    assert batch["input_ids"].shape == (1, 61) and batch["cu_seq_lens"].tolist() == [0, 5, 22, 31, 61]
+    assert "attention_mask" not in batch and int(batch["real_token_count"]) == 61
+    with torch.no_grad(), varlen.packed_forward():
+        logits = model(**_model_inputs(batch)).logits[0]
+    start = 0
+    for x in examples:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([x.input_ids])).logits[0]  # no cu_seq_lens: sdpa's own path
+        torch.testing.assert_close(logits[start:start + len(x.input_ids)], alone, atol=1e-5, rtol=1e-5)
+        start += len(x.input_ids)
+    check_packed_attention(model, varlen=True)
+    # Without the bounds the same row would be one sequence: the check sees the difference it relies on.
+    with torch.no_grad():
+        crossed = model(input_ids=batch["input_ids"]).logits[0]
+    assert (crossed[5:22] - logits[5:22]).abs().max() > 1e-3
+    varlen.restore(model, before)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_varlen_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_model):
+    from qlora_core import varlen
+
+    model = lora_model
+    model.train()
+    examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
+    pad_loss, pad_n, pad_grads = loss_and_grads(model, collate(examples, pad_token_id=0))
+    before = varlen.use_varlen(model)
+    try:
+        pack_loss, pack_n, pack_grads = loss_and_grads(model, collate_packed(examples, varlen=True))
+    finally:
+        varlen.restore(model, before)
+    assert pack_n == pad_n and pack_loss == pytest.approx(pad_loss, rel=1e-5)
+    for name, grad in pad_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_path):
+    """train.packing_attention=varlen end to end: same per-step losses as the padded run, no filler reported,
+    and the model's own attention back after training."""
+    cfg = copy.deepcopy(tiny_config)
+    rows = [{"text": f"### Human: List {i} items.### Assistant: " + ", ".join(f"item {j}" for j in range(1 + 3 * i))}
+            for i in range(8)]
+    cfg["data"]["path"] = str(write_jsonl(tmp_path / "ragged.jsonl", rows))
+    cfg["train"].update(max_steps=2, per_device_train_batch_size=4)
+    losses = {}
+    for name, sets in (("padded", []), ("varlen", ["train.packing=true", "train.packing_attention=varlen"])):
+        job = Job(cfg, overrides=sets, output_dir=tmp_path / name)
+        result = job.run()
+        losses[name] = [m["loss"] for m in result.metrics if "loss" in m]
+        if name == "varlen":
+            assert result.summary["padding_waste"]["packed_filler_waste"] == 0.0
+            assert job.model.config._attn_implementation != "qlora_varlen"
+    assert losses["varlen"] == pytest.approx(losses["padded"], rel=1e-4)

@@ -334,3 +334,54 @@ def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, 
     for k, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(fast[k], p.grad, msg=k)
+
+
+def test_flat_params_train_exactly_as_one_tensor_at_a_time(tiny_config, tmp_path):
+    """train.flat_params (the default) gathers the adapters into one buffer for the optimizer: with torch's
+    AdamW (element-wise, 32-bit states, weight decay, clipping) the losses and adapters are those of stepping
+    each tensor separately, and the model's parameters remain the adapters that were trained and saved."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for flat in (True, False):
+        job = Job(tiny_config, plugins=["adamw"], output_dir=tmp_path / f"flat-{flat}",
+                  overrides=[f"train.flat_params={str(flat).lower()}", "train.max_steps=4",
+                             "train.weight_decay=0.1", "train.max_grad_norm=0.3"])
+        job.load_model()
+        before = trainable(job.model)
+        result = job.run()
+        runs[flat] = (before, trainable(job.model), [m["loss"] for m in result.metrics if "loss" in m],
+                      job._flat)
+    before, after, losses, flat = runs[True]
+    ref_before, ref_after, ref_losses, none = runs[False]
+    assert none is None and flat is not None and len(flat.params) == 1  # one fp32 buffer
+    assert flat.numel == sum(t.numel() for t in after.values())
+    assert max(float((after[n] - before[n]).abs().max()) for n in after) > 1e-4
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for n in ref_after:
+        torch.testing.assert_close(after[n], ref_after[n], rtol=1e-5, atol=1e-7)
+    saved = load_file(str(tmp_path / "flat-True" / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len(after)
+    for key, tensor in saved.items():
+        match = [n for n in after if n.replace(".default", "").endswith(key.removeprefix("base_model.model."))]
+        assert len(match) == 1, key
+        torch.testing.assert_close(tensor.float(), after[match[0]].float())
+
+
+def test_flat_params_collect_gradients_that_were_replaced_or_cleared():
+    from qlora_core.flat import FlatParams
+
+    a = torch.nn.Parameter(torch.ones(2, 3))
+    b = torch.nn.Parameter(torch.full((4,), 2.0))
+    flat = FlatParams([a, b])
+    assert flat.params[0].data_ptr() == a.data_ptr()  # the parameters are views into the buffer
+    ((a * 3).sum() + (b * b).sum()).backward()  # autograd adds into the buffer's views
+    torch.testing.assert_close(flat.params[0].grad, torch.tensor([3.0] * 6 + [4.0] * 4))
+    a.grad = None  # e.g. model.zero_grad(set_to_none=True)
+    b.grad = torch.full((4,), 7.0)  # or a gradient replaced by other code
+    flat.collect()
+    torch.testing.assert_close(flat.params[0].grad, torch.tensor([0.0] * 6 + [7.0] * 4))
+    torch.optim.SGD(flat.params, lr=1.0).step()
+    torch.testing.assert_close(b.detach(), torch.full((4,), -5.0))
+    flat.zero_grad()
+    assert float(flat.params[0].grad.abs().sum()) == 0.0 and a.grad is not None

@@ -1,0 +1,166 @@
+"""Attention over packed examples with no padding and no filler: variable-length attention.
+
+With ``train.packing`` and ``train.packing_attention: varlen`` a micro-batch is one row: the examples end to end,
+their boundaries given by ``cu_seq_lens`` (the cumulative lengths, ``[0, n1, n1 + n2, ...]``). Each example
+attends causally within itself only, and costs what it would alone: no square of the row, no filler segment,
+no mask. On CUDA this is torch's flash-attention kernel for variable lengths
+(``torch.nn.attention.varlen.varlen_attn``); elsewhere each example runs through ``scaled_dot_product_attention``
+on its own (the reference, slow but exact).
+
+It is an attention implementation registered with transformers (:data:`NAME`): set on the model for training,
+it handles a forward that carries ``cu_seq_lens_q`` (the packed micro-batches) and hands every other forward
+(evaluation's padded batches, generation) to transformers' own sdpa attention. While a packed forward runs
+(:func:`packed_forward`), its mask function makes no mask: the boundaries are in ``cu_seq_lens``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any
+
+#: The attention implementation's name in transformers' registry.
+NAME = "qlora_varlen"
+
+_active = 0  # > 0 while a packed forward runs: its mask function makes no mask
+_kernel_kwargs: dict[str, Any] | None = None
+_longest: int | None = None  # the longest an example can be (train.max_seq_length); None: the row's length
+
+
+def cuda_kernel_available() -> bool:
+    """Whether torch has the variable-length flash-attention kernel and a GPU it runs on (compute 8.0+)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register() -> None:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention)
+    AttentionMaskInterface.register(NAME, _mask)
+
+
+def use_varlen(model, longest: int | None = None) -> str:
+    """Switch ``model`` to the varlen attention; returns the implementation it had (for :func:`restore`).
+    ``longest``: no example is longer (``train.max_seq_length``); the kernel is sized by it."""
+    global _longest
+    _longest = longest
+    register()
+    if cuda_kernel_available():
+        _kernel_options()
+    before = model.config._attn_implementation
+    _set(model, NAME)
+    return before
+
+
+def restore(model, implementation: str) -> None:
+    _set(model, implementation)
+
+
+def _set(model, implementation: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        try:
+            setter(implementation)
+            return
+        except (ValueError, TypeError, AttributeError):
+            pass
+    for module in model.modules():  # older transformers: every (sub)config the attention layers read
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = implementation
+
+
+@contextmanager
+def packed_forward():
+    """While it is open, the varlen implementation's mask function makes no mask (the forward is packed)."""
+    global _active
+    _active += 1
+    try:
+        yield
+    finally:
+        _active -= 1
+
+
+def _mask(*args, **kwargs):
+    if _active:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function contract: ``query`` (batch, heads, tokens, head_dim), ``key``/``value``
+    with their own number of heads; returns (batch, tokens, heads, head_dim) and no weights."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
+    if dropout and module.training:
+        raise ValueError("varlen attention has no attention dropout; set train.packing_attention=rows")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if q.is_cuda:
+        out = _cuda(q, k, v, cu, scaling)
+    else:
+        out = _reference(q, k, v, cu, scaling)
+    return out.unsqueeze(0), None
+
+
+def _kernel_options() -> dict[str, Any]:
+    """How this torch's ``varlen_attn`` is told to be causal and given the scale (its keywords changed between
+    releases); read once, outside any compiled code."""
+    global _kernel_kwargs
+    if _kernel_kwargs is None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        kw: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        _kernel_kwargs = {**kw, "scale": "scale" in params}
+    return _kernel_kwargs
+
+
+def _cuda(q, k, v, cu, scaling: float):
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = dict(_kernel_options())
+    if kw.pop("scale"):
+        kw["scale"] = scaling
+    elif abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+        raise ValueError("this torch's varlen_attn takes no scale; the model's attention scaling is not 1/sqrt(d)")
+    # An upper bound on the examples' lengths is what the kernel needs (its extra blocks exit at once); a fixed
+    # one (train.max_seq_length) does not change from batch to batch, so compiled layers are not recompiled.
+    longest = _longest if _longest is not None else q.shape[0]
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, **kw)
+
+
+def _reference(q, k, v, cu, scaling: float):
+    """Each example through sdpa on its own, causal: the definition varlen attention must meet."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = [int(b) for b in cu.tolist()]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        seg = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, heads, n, head_dim)
+        outs.append(F.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
