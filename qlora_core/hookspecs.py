@@ -324,8 +324,9 @@ def qlora_on_train_end(run: "Run", summary: "dict[str, Any]") -> None:
     :param run: the run.
     :param summary: ``steps``, ``train_loss`` (last logged), ``first_loss``, ``eval_loss_before``,
         ``eval_loss_after``, ``train_seconds``, ``tokens_per_second`` and, on a GPU, ``peak_gpu_memory_gib``
-        (training's peak, the largest over the processes) and ``peak_gpu_memory_loading_gib`` (loading's, before
-        the first step: under FSDP each GPU holds the whole model until it is sharded).
+        (training's peak, the largest over the processes) and ``peak_gpu_memory_loading_gib`` (before the first
+        step: loading, and the evaluation and sample before training; under FSDP each GPU holds the whole model
+        until it is sharded).
     :returns: nothing.
 
     Every plugin's implementation is called.

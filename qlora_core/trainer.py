@@ -302,6 +302,7 @@ def install_loss_forward(model) -> bool:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+        inputs.update({k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in kwargs})  # varlen packing
         return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(inputs, use_cache=False), kwargs["labels"],
                                                            fused=True))
 
@@ -606,6 +607,7 @@ class Job:
         mixed = mixed if self.device == "cuda" else "no"
         _allow_new_mixed_precision(mixed)
         accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed)
+        self._varlen = self._use_varlen()  # may refuse the model: before any output folder is made
         if self._resume_from is not None:
             out = Path(self._resume_from)
         elif accelerator.is_main_process:
@@ -666,63 +668,68 @@ class Job:
 
             for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
-        self._varlen = self._use_varlen()
-        attn_before = None
-        if self._varlen:
-            from .varlen import use_varlen
-
-            attn_before = use_varlen(self.model, longest=cfg["train.max_seq_length"])
-        if cfg["train.packing"]:
-            with accelerator.autocast():
-                self._check_packing(model)
-        if state.step == 0:
-            # This process's micro-batches of the first epoch, in the order they will be trained on.
-            mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
-                                       accelerator.num_processes)
-            waste = padding_waste(mine, state.micro_batch_size)
-            if self._varlen:
-                waste["packed_filler_waste"] = 0.0  # one row a micro-batch, the examples end to end
-            elif cfg["train.packing"]:
-                waste["packed_filler_waste"] = packed_waste(
-                    mine, state.micro_batch_size, cfg["train.max_seq_length"],
-                    state.micro_batch_size * cfg["train.gradient_accumulation_steps"])
-            state.summary["padding_waste"] = waste
-            if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
-                self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
-        record = RunRecord(out, accelerator.is_main_process)
-        if state.step:
-            record.resume(cfg, self.plugins, state.step)
-        else:
-            record.start(cfg, self.plugins)
-        try:
-            result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
-        except BaseException as e:
-            record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
-            raise
-        finally:
-            if attn_before is not None:  # generation and evaluation afterwards use the model's own attention
-                from .varlen import restore
-
-                restore(self.model, attn_before)
-        record.finish("completed")
-        return result
+        # With varlen packing the model runs on that attention for the whole run (the packing check included);
+        # generation and evaluation afterwards get its own back.
+        with self._varlen_attention():
+            if cfg["train.packing"]:
+                with accelerator.autocast():
+                    self._check_packing(model)
+            if state.step == 0:
+                # This process's micro-batches of the first epoch, in the order they will be trained on.
+                mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
+                                           accelerator.num_processes)
+                waste = padding_waste(mine, state.micro_batch_size)
+                if self._varlen:
+                    waste["packed_filler_waste"] = 0.0  # one row a micro-batch, the examples end to end
+                elif cfg["train.packing"]:
+                    waste["packed_filler_waste"] = packed_waste(
+                        mine, state.micro_batch_size, cfg["train.max_seq_length"],
+                        state.micro_batch_size * cfg["train.gradient_accumulation_steps"])
+                state.summary["padding_waste"] = waste
+                if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
+                    self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
+            record = RunRecord(out, accelerator.is_main_process)
+            if state.step:
+                record.resume(cfg, self.plugins, state.step)
+            else:
+                record.start(cfg, self.plugins)
+            try:
+                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
+            except BaseException as e:
+                record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
+                raise
+            record.finish("completed")
+            return result
 
     def _check_packing(self, model) -> None:
         if not self._packing_checked:
             check_packed_attention(model, self._varlen)
             self._packing_checked = True
 
+    def _varlen_attention(self):
+        if not self._varlen:
+            return nullcontext()
+        from .varlen import attention_of
+
+        return attention_of(self.model, longest=self.config["train.max_seq_length"])
+
     def _use_varlen(self) -> bool:
         """Whether packed micro-batches go through the varlen attention (train.packing_attention)."""
         cfg = self.config
         if not cfg["train.packing"]:
             return False
-        mode = cfg["train.packing_attention"]
-        if mode == "auto":
-            from .varlen import cuda_kernel_available
+        from .varlen import cuda_kernel_available, unsupported
 
-            return self.device == "cuda" and cuda_kernel_available()
-        return mode == "varlen"
+        mode = cfg["train.packing_attention"]
+        if mode == "rows":
+            return False
+        why = unsupported(self.model)
+        if mode == "auto":
+            return self.device == "cuda" and why is None and cuda_kernel_available()
+        if why is not None:
+            raise UsageError(f"train.packing_attention: varlen attention cannot stand in for this model's: it has "
+                             f"{why}; set train.packing_attention=rows")
+        return True
 
     def _padding_message(self, waste: dict[str, Any]) -> str:
         mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
@@ -979,8 +986,8 @@ class Job:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
         if device.type == "cuda":
-            # Loading (and FSDP's sharding, which starts from the whole model on each GPU) peaks apart from
-            # training: both are reported, and the per-step figures are training's own.
+            # Loading (and FSDP's sharding, which starts from the whole model on each GPU) and the evaluation
+            # before training peak apart from training: both are reported, the per-step figures training's own.
             loading = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
             if world > 1:
                 torch.distributed.all_reduce(loading, op=torch.distributed.ReduceOp.MAX)

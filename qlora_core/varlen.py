@@ -40,6 +40,21 @@ def cuda_kernel_available() -> bool:
     return True
 
 
+def unsupported(model) -> str | None:
+    """Why the varlen attention cannot stand in for ``model``'s own (None if it can): it is plain causal
+    softmax attention, with no sliding window, logit soft-capping, attention sinks or attention dropout."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping (attn_logit_softcapping)"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"sliding-window attention (sliding_window={config.sliding_window})"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention dropout ({config.attention_dropout})"
+    return None
+
+
 def register() -> None:
     """Register the attention and mask functions with transformers (idempotent)."""
     from transformers import AttentionInterface
@@ -64,6 +79,16 @@ def use_varlen(model, longest: int | None = None) -> str:
 
 def restore(model, implementation: str) -> None:
     _set(model, implementation)
+
+
+@contextmanager
+def attention_of(model, longest: int | None = None):
+    """``model`` on the varlen attention while the block runs, its own attention back afterwards."""
+    before = use_varlen(model, longest)
+    try:
+        yield
+    finally:
+        restore(model, before)
 
 
 def _set(model, implementation: str) -> None:
@@ -105,6 +130,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     with their own number of heads; returns (batch, tokens, heads, head_dim) and no weights."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
+        if _active:  # its mask function made no mask: without the bounds the examples would attend to each other
+            raise RuntimeError("a packed forward reached the attention without cu_seq_lens_q; whatever called the "
+                               "model dropped it")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -113,6 +141,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout and module.training:
         raise ValueError("varlen attention has no attention dropout; set train.packing_attention=rows")
+    for name in ("sliding_window", "softcap", "s_aux"):  # what some architectures add to plain attention
+        if kwargs.get(name) is not None:
+            raise ValueError(f"varlen attention does not implement {name}; set train.packing_attention=rows")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)

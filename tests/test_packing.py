@@ -322,3 +322,57 @@ def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_p
             assert result.summary["padding_waste"]["packed_filler_waste"] == 0.0
             assert job.model.config._attn_implementation != "qlora_varlen"
     assert losses["varlen"] == pytest.approx(losses["padded"], rel=1e-4)
+
+
+def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model):
+    """Under DDP/FSDP the loss runs inside the wrapper's forward (install_loss_forward): it must pass
+    cu_seq_lens on, or the examples would attend to each other; a packed forward without them is an error."""
+    from qlora_core import varlen
+    from qlora_core.trainer import install_loss_forward
+
+    class Wrapper(torch.nn.Module):  # what DDP and FSDP look like to the trainer: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    model = lora_model
+    model.eval()
+    examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
+    with torch.no_grad():
+        pad_loss, _ = _token_loss_sum(model, collate(examples, pad_token_id=0))
+        assert install_loss_forward(model)
+        batch = collate_packed(examples, varlen=True)
+        before = varlen.use_varlen(model)
+        try:
+            wrapped, _ = _token_loss_sum(Wrapper(model), batch)
+            assert float(wrapped) == pytest.approx(float(pad_loss), rel=1e-5)
+            dropped = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
+            with varlen.packed_forward(), pytest.raises(RuntimeError, match="without cu_seq_lens_q"):
+                model(**_model_inputs(dropped))
+        finally:
+            varlen.restore(model, before)
+
+
+def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_path):
+    """Sliding windows and soft-capping are not in the varlen attention: such a model is named unsupported, and
+    an explicit train.packing_attention=varlen is a usage error before any output folder exists."""
+    from qlora_core import varlen
+
+    model = tiny_llama("sdpa")
+    assert varlen.unsupported(model) is None
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert "sliding-window" in varlen.unsupported(model)
+    model.config.layer_types = None
+    model.config.attn_logit_softcapping = 50.0
+    assert "soft-capping" in varlen.unsupported(model)
+
+    job = Job(tiny_config, overrides=["train.packing=true", "train.packing_attention=varlen"],
+              output_dir=tmp_path / "run")
+    job.load_model()
+    job.model.config.attn_logit_softcapping = 30.0
+    with pytest.raises(UsageError, match="train.packing_attention: varlen attention cannot stand in .* soft-capping"):
+        job.run()
+    assert not (tmp_path / "run").exists()
