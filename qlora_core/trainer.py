@@ -723,7 +723,7 @@ class Job:
         mode = cfg["train.packing_attention"]
         if mode == "rows":
             return False
-        why = unsupported(self.model)
+        why = unsupported(self.model, cfg["train.max_seq_length"])
         if mode == "auto":
             return self.device == "cuda" and why is None and cuda_kernel_available()
         if why is not None:

@@ -40,19 +40,26 @@ def cuda_kernel_available() -> bool:
     return True
 
 
-def unsupported(model) -> str | None:
+def unsupported(model, longest: int | None = None) -> str | None:
     """Why the varlen attention cannot stand in for ``model``'s own (None if it can): it is plain causal
-    softmax attention, with no sliding window, logit soft-capping, attention sinks or attention dropout."""
+    softmax attention, with no logit soft-capping, attention sinks or attention dropout, and no sliding window
+    (one that no example can outgrow, ``longest`` tokens at most, changes nothing)."""
     config = model.config
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping (attn_logit_softcapping)"
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention layers"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return f"sliding-window attention (sliding_window={config.sliding_window})"
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+        window and getattr(config, "use_sliding_window", True))
+    if sliding and not _within(window, longest):
+        return f"sliding-window attention (sliding_window={window}) that examples of {longest} tokens outgrow"
     if getattr(config, "attention_dropout", 0.0):
         return f"attention dropout ({config.attention_dropout})"
     return None
+
+
+def _within(window: int | None, longest: int | None) -> bool:
+    """Whether a sliding window of ``window`` tokens never cuts an example of up to ``longest`` tokens."""
+    return window is not None and longest is not None and longest <= window
 
 
 def register() -> None:
@@ -141,9 +148,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout and module.training:
         raise ValueError("varlen attention has no attention dropout; set train.packing_attention=rows")
-    for name in ("sliding_window", "softcap", "s_aux"):  # what some architectures add to plain attention
+    for name in ("softcap", "s_aux"):  # what some architectures add to plain attention
         if kwargs.get(name) is not None:
             raise ValueError(f"varlen attention does not implement {name}; set train.packing_attention=rows")
+    window = kwargs.get("sliding_window")
+    if window is not None and not _within(window, _longest):
+        raise ValueError(f"varlen attention does not implement a sliding window ({window} tokens) that the examples "
+                         f"can outgrow; set train.packing_attention=rows")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)

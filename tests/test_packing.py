@@ -362,10 +362,12 @@ def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_
     from qlora_core import varlen
 
     model = tiny_llama("sdpa")
-    assert varlen.unsupported(model) is None
+    assert varlen.unsupported(model, 2048) is None
     model.config.layer_types = ["sliding_attention", "full_attention"]
-    assert "sliding-window" in varlen.unsupported(model)
-    model.config.layer_types = None
+    model.config.sliding_window = 512
+    assert "sliding-window" in varlen.unsupported(model, 2048)
+    assert varlen.unsupported(model, 512) is None  # no example outgrows the window: it changes nothing
+    model.config.layer_types, model.config.sliding_window = None, None
     model.config.attn_logit_softcapping = 50.0
     assert "soft-capping" in varlen.unsupported(model)
 
@@ -376,3 +378,25 @@ def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_
     with pytest.raises(UsageError, match="train.packing_attention: varlen attention cannot stand in .* soft-capping"):
         job.run()
     assert not (tmp_path / "run").exists()
+
+
+def test_varlen_attention_refuses_arguments_it_would_ignore():
+    from qlora_core import varlen
+
+    q = torch.randn(1, 4, 6, 8)
+    k = v = torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out, _ = varlen.varlen_attention(None, q, k, v, None, cu_seq_lens_q=cu, sliding_window=None)
+    assert out.shape == (1, 6, 4, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        varlen.varlen_attention(None, q, k, v, None, cu_seq_lens_q=cu, softcap=30.0)
+    saved = varlen._longest
+    try:
+        varlen._longest = 2048
+        with pytest.raises(ValueError, match="sliding window"):
+            varlen.varlen_attention(None, q, k, v, None, cu_seq_lens_q=cu, sliding_window=512)
+        varlen._longest = 512  # examples of at most the window: the window changes nothing
+        out2, _ = varlen.varlen_attention(None, q, k, v, None, cu_seq_lens_q=cu, sliding_window=512)
+        torch.testing.assert_close(out2, out)
+    finally:
+        varlen._longest = saved
