@@ -30,10 +30,8 @@ _OPS: Any = None
 
 
 def _ops():
-    """``qlora::lora_4bit`` (forward) and ``qlora::lora_4bit_backward``: custom ops, opaque to torch.compile,
-    which traces the compiled layers around them without a graph break (an autograd function traced by
-    torch.compile gave wrong adapter gradients on the H200, and one run outside the graph made the GPU hand it
-    a flattened input at the graph break)."""
+    """``qlora::lora_4bit`` (forward) and ``qlora::lora_4bit_backward``, registered once (why custom ops: the
+    module's docstring)."""
     global _OPS
     if _OPS is not None:
         return _OPS
@@ -148,11 +146,11 @@ def fuse_lora_layers(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:
         return 0
+    from .layers import register_quant_weight
+
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and not getattr(module.forward, "_qlora_fused", False):
-            from .layers import register_quant_weight
-
             register_quant_weight(module.base_layer)
             module.forward = _fused_forward(module)
             count += 1

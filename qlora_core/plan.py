@@ -81,9 +81,9 @@ qlora's own loop on one GPU changes two terms (its defaults; both modelled from 
 * **offloaded checkpoints** (``train.activation_offload``): two layers' inputs on the GPU at a time instead of
   ``L``.
 
-Measured with these defaults (``qlora bench``): 7.42 GiB at the Llama-3-8B shape (estimate 8.16, +10%) and
-39.63 GiB at the Llama-3-70B shape, batch 1 (estimate 40.37, +1.9%). The per-layer term was derived for eager
-PEFT layers; compiled layers keep less, so the estimate errs high.
+Measured with these defaults (``qlora bench``): 7.51 GiB at the Llama-3-8B shape (estimate 8.16, +9%) and
+39.75 GiB at the Llama-3-70B shape, batch 1 (estimate 40.37, +1.6%). The per-layer term was derived for PEFT's
+LoRA layers; the fused LoRA op keeps less, so the estimate errs high.
 
 Transient buffers: the largest 4-bit layer dequantized for its matmul (``a x in x out``) plus 64 MiB of
 workspaces; with ``N > 1`` also what FSDP gathers: the root unit (embeddings, head, final norm: not

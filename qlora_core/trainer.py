@@ -301,14 +301,24 @@ def install_loss_forward(model) -> bool:
             return original(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        inputs = {k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-        inputs.update({k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in kwargs})  # varlen packing
-        return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(inputs, use_cache=False), kwargs["labels"],
+        # Everything the trainer passed (_model_inputs: ids, masks, positions, varlen bounds) goes to the decoder.
+        labels = kwargs.pop("labels")
+        return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(kwargs, use_cache=False), labels,
                                                            fused=True))
 
     causal.forward = forward
     causal._qlora_loss_forward = True
     return True
+
+
+def _busiest_gpu_peak_gib(device, world: int) -> float:
+    """The peak allocated GPU memory since the last reset, in GiB: the largest over the processes."""
+    import torch
+
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return float(peak) / 2**30
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -988,10 +998,7 @@ class Job:
         if device.type == "cuda":
             # Loading (and FSDP's sharding, which starts from the whole model on each GPU) and the evaluation
             # before training peak apart from training: both are reported, the per-step figures training's own.
-            loading = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
-            if world > 1:
-                torch.distributed.all_reduce(loading, op=torch.distributed.ReduceOp.MAX)
-            state.summary.setdefault("peak_gpu_memory_loading_gib", float(loading) / 2**30)
+            state.summary.setdefault("peak_gpu_memory_loading_gib", _busiest_gpu_peak_gib(device, world))
             torch.cuda.reset_peak_memory_stats(device)
         model.train()
         started = time.perf_counter() - state.train_seconds
@@ -1064,10 +1071,7 @@ class Job:
         summary["train_seconds"] = train_seconds
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
-            peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
-            if world > 1:  # the busiest GPU's
-                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-            summary["peak_gpu_memory_gib"] = float(peak) / 2**30
+            summary["peak_gpu_memory_gib"] = _busiest_gpu_peak_gib(device, world)
         if self.eval_examples:
             ev = {"step": run.max_steps, **self.evaluate(model, accelerator)}
             summary["eval_loss_after"] = ev["eval_loss"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from qlora_core import cli
+from qlora_core import cli, varlen
 from qlora_core import trainer as trainer_module
 from qlora_core.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
@@ -125,9 +125,14 @@ def test_a_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_mode
     model.train()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
     pad_loss, pad_n, pad_grads = loss_and_grads(model, collate(examples, pad_token_id=0))
-    # one row, and rows of up to 45 tokens: [40 + a filler of 4] and [25 12 7]
-    for batch in (collate_packed(examples), collate_packed(examples, row_tokens=45)):
-        pack_loss, pack_n, pack_grads = loss_and_grads(model, batch)
+    # one row, rows of up to 45 tokens ([40 + a filler of 4] and [25 12 7]), and one row for the varlen attention
+    for batch in (collate_packed(examples), collate_packed(examples, row_tokens=45),
+                  collate_packed(examples, varlen=True)):
+        if "cu_seq_lens" in batch:
+            with varlen.attention_of(model):
+                pack_loss, pack_n, pack_grads = loss_and_grads(model, batch)
+        else:
+            pack_loss, pack_n, pack_grads = loss_and_grads(model, batch)
         assert pack_n == pad_n == sum(x.num_target_tokens for x in examples)
         assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
         assert len(pack_grads) == len(pad_grads) > 0
@@ -261,8 +266,6 @@ def test_packed_waste_counts_the_filler_of_each_micro_batch_s_rows():
 def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
     """qlora's varlen attention (one row, bounds from cu_seq_lens, no mask): on the CPU its reference, each
     example through sdpa alone; grouped-query heads (4 query, 2 key/value) included."""
-    from qlora_core import varlen
-
     model = tiny_llama("sdpa")
     before = varlen.use_varlen(model)
     assert before == "sdpa" and model.config._attn_implementation == varlen.NAME
@@ -287,24 +290,6 @@ def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_varlen_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_model):
-    from qlora_core import varlen
-
-    model = lora_model
-    model.train()
-    examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
-    pad_loss, pad_n, pad_grads = loss_and_grads(model, collate(examples, pad_token_id=0))
-    before = varlen.use_varlen(model)
-    try:
-        pack_loss, pack_n, pack_grads = loss_and_grads(model, collate_packed(examples, varlen=True))
-    finally:
-        varlen.restore(model, before)
-    assert pack_n == pad_n and pack_loss == pytest.approx(pad_loss, rel=1e-5)
-    for name, grad in pad_grads.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(pack_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
 def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_path):
     """train.packing_attention=varlen end to end: same per-step losses as the padded run, no filler reported,
     and the model's own attention back after training."""
@@ -327,7 +312,6 @@ def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_p
 def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model):
     """Under DDP/FSDP the loss runs inside the wrapper's forward (install_loss_forward): it must pass
     cu_seq_lens on, or the examples would attend to each other; a packed forward without them is an error."""
-    from qlora_core import varlen
     from qlora_core.trainer import install_loss_forward
 
     class Wrapper(torch.nn.Module):  # what DDP and FSDP look like to the trainer: the model as .module
@@ -359,8 +343,6 @@ def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model
 def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_path):
     """Sliding windows and soft-capping are not in the varlen attention: such a model is named unsupported, and
     an explicit train.packing_attention=varlen is a usage error before any output folder exists."""
-    from qlora_core import varlen
-
     model = tiny_llama("sdpa")
     assert varlen.unsupported(model, 2048) is None
     model.config.layer_types = ["sliding_attention", "full_attention"]
@@ -381,8 +363,6 @@ def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_
 
 
 def test_varlen_attention_refuses_arguments_it_would_ignore():
-    from qlora_core import varlen
-
     q = torch.randn(1, 4, 6, 8)
     k = v = torch.randn(1, 2, 6, 8)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
