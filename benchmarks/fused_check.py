@@ -7,10 +7,12 @@ forward values and gradients, printed as one JSON object (max abs / relative dif
 * qlora's checkpointing with CPU offload and lean recomputation (``qlora_core.layers``), torch.compile of the
   layers and the fused 4-bit + LoRA op (``qlora_core.lora_fused``) vs plain layers and PEFT's LoRA forward:
   loss and every LoRA gradient of a 4-bit model. A variant that fails is reported beside the others;
+* qlora's single-kernel NF4 dequantization vs bitsandbytes' (bit for bit, and the time of each), and the fused op
+  with the adapters' kept bf16 copies vs casting them;
 * qlora's varlen attention for packed examples (torch's flash kernel) vs each example through sdpa alone, eager
   and compiled.
 
-    python benchmarks/fused_check.py [--out FILE]
+    python benchmarks/fused_check.py [--out FILE] [--check NAME ...]
 
 Needs CUDA; without it, one ``error:`` line and exit code 2.
 """
@@ -217,9 +219,110 @@ def check_varlen(results: dict) -> None:
     results["varlen_attention"] = out
 
 
+def check_nf4(results: dict) -> None:
+    """qlora's single-kernel NF4 dequantization against bitsandbytes' ``dequantize_4bit``: the same bits for
+    the Llama-3-8B layer shapes, with and without double quantization, uint8 and bf16 storage; and the time
+    each takes (the GPU's, and the CPU's to launch one, which is what the training step waits on)."""
+    import time
+
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from qlora_core.nf4 import dequantize_nf4
+
+    out: dict = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = [((4096, 4096), True, torch.uint8, torch.bfloat16), ((1024, 4096), True, torch.uint8, torch.bfloat16),
+             ((14336, 4096), True, torch.uint8, torch.bfloat16), ((4096, 14336), True, torch.uint8, torch.bfloat16),
+             ((4096, 14336), False, torch.uint8, torch.bfloat16), ((4096, 14336), True, torch.bfloat16,
+                                                                    torch.bfloat16),
+             ((96, 832), True, torch.uint8, torch.bfloat16), ((96, 832), True, torch.uint8, torch.float16),
+             ((1024, 4096), True, torch.uint8, torch.float32), ((1024, 4096), False, torch.bfloat16, torch.float32)]
+    for shape, nested, storage, dtype in cases:
+        w = (torch.randn(shape, device="cuda", generator=g) * 0.02).to(dtype)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4",
+                                           quant_storage=storage)
+        got, expected = dequantize_nf4(packed, state), bnbf.dequantize_4bit(packed, state)
+        name = f"{shape[0]}x{shape[1]}_{'nested' if nested else 'plain'}_{str(storage)[6:]}_{str(dtype)[6:]}"
+        out[name] = {"ok": got is not None and got.dtype == expected.dtype and bool(torch.equal(got, expected))}
+
+    def timing(fn, packed, state, calls):
+        fn(packed, state)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        for _ in range(calls):
+            fn(packed, state)
+        cpu = (time.perf_counter() - t0) / calls
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / calls * 1e3, cpu * 1e6
+
+    big = bnbf.quantize_4bit(torch.randn(4096, 14336, device="cuda", generator=g).bfloat16() * 0.02,
+                             compress_statistics=True, quant_type="nf4")
+    small = bnbf.quantize_4bit(torch.randn(256, 256, device="cuda", generator=g).bfloat16() * 0.02,
+                               compress_statistics=True, quant_type="nf4")
+    for label, fn in (("qlora_nf4", dequantize_nf4), ("bitsandbytes", bnbf.dequantize_4bit)):
+        gpu_us, _ = timing(fn, *big, 50)
+        _, cpu_us = timing(fn, *small, 500)  # tiny: the GPU keeps up, the loop runs at the CPU's pace
+        out[f"time_{label}"] = {"gpu_us_4096x14336": round(gpu_us, 1), "cpu_us_per_call": round(cpu_us, 1)}
+    # The sweep behind qlora_core.nf4's BLOCK and WARPS: each setting exact, and its GPU time.
+    square = bnbf.quantize_4bit(torch.randn(4096, 4096, device="cuda", generator=g).bfloat16() * 0.02,
+                                compress_statistics=True, quant_type="nf4")
+    sweep = {}
+    for block in (512, 1024, 2048, 4096):
+        for warps in (4, 8):
+            def fn(p, s, block=block, warps=warps):
+                return dequantize_nf4(p, s, block=block, warps=warps)
+            exact = all(bool(torch.equal(fn(*w), bnbf.dequantize_4bit(*w))) for w in (big, square, small))
+            sweep[f"elements_{block}_{warps}"] = {"exact": exact, "us_4096x14336": round(timing(fn, *big, 50)[0], 1),
+                                                  "us_4096x4096": round(timing(fn, *square, 50)[0], 1)}
+    out["sweep"] = sweep
+    out["sweep_all_exact"] = {"ok": all(v["exact"] for v in sweep.values())}
+    out["ok"] = all(v.get("ok", True) for v in out.values())
+    results["nf4_dequantize"] = out
+
+
+def check_compute_copies(results: dict) -> None:
+    """The fused LoRA op given the adapters' kept bf16 copies against the op casting them itself, on a real
+    4-bit weight: the output and every gradient identical."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_core.layers import register_quant_weight
+    from qlora_core.lora_fused import _ops
+
+    op = _ops()
+    layer = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(1024, 4096) * 0.02, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.cuda()
+    register_quant_weight(layer)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x0 = torch.randn(2, 512, 4096, device="cuda", generator=g).bfloat16()
+    a0 = torch.randn(16, 4096, device="cuda", generator=g) * 0.01
+    b0 = torch.randn(1024, 16, device="cuda", generator=g) * 0.01
+
+    def run(copies: bool):
+        x = x0.clone().requires_grad_(True)
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        ac, bc = (a.detach().bfloat16(), b.detach().bfloat16()) if copies else (None, None)
+        y = op(x, x, layer.weight, None, a, b, ac, bc, 2.0, True)
+        y.float().square().mean().backward()
+        return y, x.grad, a.grad, b.grad
+
+    same = [bool(torch.equal(p, q)) for p, q in zip(run(True), run(False))]
+    results["fused_lora_compute_copies"] = {"output_x_grad_a_grad_b_grad_identical": same, "ok": all(same)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
+    checks = (check_nf4, check_compute_copies, check_loss, check_liger_layers, check_layers, check_varlen)
+    names = [c.__name__.removeprefix("check_") for c in checks]
+    parser.add_argument("--check", action="append", choices=names, help="run only these checks (repeatable)")
     args = parser.parse_args(argv)
     import torch
 
@@ -227,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: fused_check needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2
     results: dict = {"gpu": torch.cuda.get_device_name(0)}
-    for check in (check_loss, check_liger_layers, check_layers, check_varlen):
+    for check in checks:
+        if args.check and check.__name__.removeprefix("check_") not in args.check:
+            continue
         try:
             check(results)
         except Exception as e:  # noqa: BLE001 - report and go on with the other checks

@@ -27,9 +27,11 @@ tokens/s, peak allocated and reserved GPU memory, weight memory after loading, f
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +63,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              "set": ["train.lean_recompute=false"]},
     "qlora-flat-params": {"help": "the optimizer steps each adapter tensor separately (train.flat_params=false)",
                           "set": ["train.flat_params=false"]},
+    "qlora-fast-dequant": {"help": "bitsandbytes' dequantization (three launches) instead of qlora's single NF4 "
+                                   "kernel (train.fast_dequant=false)", "set": ["train.fast_dequant=false"]},
+    "qlora-adapter-copy": {"help": "the adapters cast to bf16 at each use instead of one kept copy refreshed "
+                                   "each step (train.adapter_compute_copy=false)",
+                           "set": ["train.adapter_compute_copy=false"]},
     "qlora+adamw-8bit": {"help": "bitsandbytes' 8-bit AdamW without paging", "plugins": ["adamw-8bit"]},
     "qlora+torch-adamw": {"help": "torch's AdamW (32-bit states, multi-tensor kernels)", "plugins": ["adamw"]},
     "qlora+compile": {"help": "with torch.compile of the decoder layers (off by default around the fused LoRA op)",
@@ -76,7 +83,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "set": ["train.gpu_memory_budget=40"]},
 }
 ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss",
-             "qlora-fused-lora", "qlora-lean-recompute", "qlora-flat-params", "qlora+compile",
+             "qlora-fused-lora", "qlora-lean-recompute", "qlora-flat-params", "qlora-fast-dequant",
+             "qlora-adapter-copy", "qlora+compile",
              "qlora-offload", "qlora+budget")
 
 
@@ -137,6 +145,7 @@ class _Profiler:
         self.prof: Any = None
         self.path: str | None = None
         self.start_after = 0
+        self.started = 0.0
 
     def step_done(self, step: int) -> None:
         if self.path is None:
@@ -147,15 +156,25 @@ class _Profiler:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
             self.prof.__enter__()
+            self.started = time.perf_counter()
         elif self.prof is not None and step == self.start_after + 2:
             _sync()
+            wall = (time.perf_counter() - self.started) * 1e6
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             try:
                 table = averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
             except (AttributeError, KeyError, RuntimeError):  # older torch: the CUDA names
                 table = averages.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
-            Path(self.path).write_text(table)
+            kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA")
+            head = (f"two steps: {wall / 1e3:,.1f} ms of wall time, {kernels / 1e3:,.1f} ms of GPU kernels "
+                    f"(all streams; {kernels / wall:.0%} of the wall time)\n")
+            Path(self.path).write_text(head + table)
+            trace = Path(self.path).with_suffix(".trace.json")
+            self.prof.export_chrome_trace(str(trace))
+            with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            trace.unlink()
             self.prof, self.path = None, None
 
     @staticmethod

@@ -218,6 +218,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.fused_lora", "auto_bool", "auto",
            "compute each 4-bit linear layer and its LoRA adapter in one custom op, without PEFT's output-sized "
            "temporaries (auto: on CUDA, where it was measured faster: docs/performance.md)"),
+    Option("train.fast_dequant", "bool", True,
+           "dequantize NF4 weights for the fused LoRA op and the lean recomputation in one Triton kernel on CUDA "
+           "(bitsandbytes' arithmetic, bit for bit) instead of bitsandbytes' three launches; false: bitsandbytes"),
     Option("train.fused_cross_entropy", "bool", True,
            "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
            "(liger-kernel's kernel on CUDA when installed)"),
@@ -238,6 +241,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "gather the trainable parameters and their gradients into one buffer per dtype, so the optimizer "
            "and gradient clipping step one tensor instead of one per adapter matrix (not with DDP); set false "
            "for an optimizer plugin that needs each matrix's shape"),
+    Option("train.adapter_compute_copy", "bool", True,
+           "with train.flat_params and the fused LoRA op: keep the adapters' copy in the compute dtype (bf16), "
+           "refreshed once a step after the optimizer, instead of casting each float32 adapter matrix at each use"),
     Option("train.gpu_memory_budget", "float", 0.0,
            "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
            "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),

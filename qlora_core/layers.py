@@ -162,10 +162,18 @@ def quant_state_of(weight):
 
 def dense_weight(weight, dtype):
     """A frozen linear layer's weight as a dense matrix in ``dtype``: dequantized when it is a registered 4-bit
-    weight (:func:`quant_state_of`), else the weight itself."""
+    weight (:func:`quant_state_of`; NF4 on CUDA by :mod:`qlora_core.nf4`'s single kernel), else the weight
+    itself."""
     quant_state = quant_state_of(weight)
     if quant_state is None:
         return weight.to(dtype)
+    if weight.is_cuda:
+        from . import nf4
+
+        if nf4.enabled:
+            dense = nf4.dequantize_nf4(weight, quant_state)  # one kernel launch, the same bits
+            if dense is not None:
+                return dense.to(dtype)
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight, quant_state).to(dtype)

@@ -41,12 +41,12 @@ def _ops():
 
     @torch.library.custom_op("qlora::lora_4bit", mutates_args=(),
                              schema="(Tensor x, Tensor xd, Tensor weight, Tensor? bias, Tensor lora_a, "
-                                    "Tensor lora_b, float scaling, bool same) -> Tensor")
-    def lora_4bit(x, xd, weight, bias, lora_a, lora_b, scaling, same):
+                                    "Tensor lora_b, Tensor? a_c, Tensor? b_c, float scaling, bool same) -> Tensor")
+    def lora_4bit(x, xd, weight, bias, lora_a, lora_b, a_c, b_c, scaling, same):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x2 if same else xd.reshape(-1, shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        a, b = _in_dtype(lora_a, a_c, x.dtype), _in_dtype(lora_b, b_c, x.dtype)
         y = x2 @ dense_weight(weight, x.dtype).t()
         if bias is not None:
             y += bias.to(y.dtype)
@@ -54,17 +54,18 @@ def _ops():
         return y.view(*shape[:-1], y.shape[-1])
 
     @lora_4bit.register_fake
-    def _(x, xd, weight, bias, lora_a, lora_b, scaling, same):
+    def _(x, xd, weight, bias, lora_a, lora_b, a_c, b_c, scaling, same):
         return x.new_empty((*x.shape[:-1], lora_b.shape[0]))
 
     @torch.library.custom_op("qlora::lora_4bit_backward", mutates_args=(),
-                             schema="(Tensor dy, Tensor xd, Tensor weight, Tensor lora_a, Tensor lora_b, "
-                                    "float scaling, bool same, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)")
-    def lora_4bit_backward(dy, xd, weight, lora_a, lora_b, scaling, same, needs):
+                             schema="(Tensor dy, Tensor xd, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor? a_c, "
+                                    "Tensor? b_c, float scaling, bool same, bool[4] needs) "
+                                    "-> (Tensor, Tensor, Tensor, Tensor)")
+    def lora_4bit_backward(dy, xd, weight, lora_a, lora_b, a_c, b_c, scaling, same, needs):
         n_in = xd.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         xd2 = xd.reshape(-1, n_in)
-        a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
+        a, b = _in_dtype(lora_a, a_c, dy.dtype), _in_dtype(lora_b, b_c, dy.dtype)
         dyb = dy2 @ b  # (n, r)
         empty = dy.new_empty(0)
         dx = dxd = da = db = empty
@@ -82,7 +83,7 @@ def _ops():
         return dx, dxd, da, db
 
     @lora_4bit_backward.register_fake
-    def _(dy, xd, weight, lora_a, lora_b, scaling, same, needs):
+    def _(dy, xd, weight, lora_a, lora_b, a_c, b_c, scaling, same, needs):
         n_in = xd.shape[-1]
         empty = dy.new_empty(0)
         dx = dy.new_empty((*dy.shape[:-1], n_in)) if needs[0] else empty
@@ -92,22 +93,34 @@ def _ops():
         return dx, dxd, da, db
 
     def setup_context(ctx, inputs, output):
-        x, xd, weight, bias, lora_a, lora_b, scaling, same = inputs
-        ctx.save_for_backward(x if same else xd, weight, lora_a, lora_b)
+        x, xd, weight, bias, lora_a, lora_b, a_c, b_c, scaling, same = inputs
+        ctx.save_for_backward(x if same else xd, weight, lora_a, lora_b, a_c, b_c)
         ctx.scaling, ctx.same = scaling, same
 
     def backward(ctx, dy):
-        xd, weight, lora_a, lora_b = ctx.saved_tensors
+        xd, weight, lora_a, lora_b, a_c, b_c = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = [bool(need[0]), bool(need[1]), bool(need[4]), bool(need[5])]
-        dx, dxd, da, db = torch.ops.qlora.lora_4bit_backward(dy, xd, weight, lora_a, lora_b, ctx.scaling,
-                                                             ctx.same, needs)
+        dx, dxd, da, db = torch.ops.qlora.lora_4bit_backward(dy, xd, weight, lora_a, lora_b, a_c, b_c,
+                                                             ctx.scaling, ctx.same, needs)
         return (dx if needs[0] else None, dxd if needs[1] and not ctx.same else None, None, None,
-                da if needs[2] else None, db if needs[3] else None, None, None)
+                da if needs[2] else None, db if needs[3] else None, None, None, None, None)
 
     lora_4bit.register_autograd(backward, setup_context=setup_context)
     _OPS = lora_4bit
     return _OPS
+
+
+def _in_dtype(param, copy, dtype):
+    """An adapter matrix in the compute dtype: its kept copy (:meth:`FlatParams.add_compute_copies`) when the
+    trainer keeps one, else cast now."""
+    return copy if copy is not None else param.to(dtype)
+
+
+def _copy_in(param, dtype):
+    """``param``'s compute-dtype copy kept by the trainer, if it has one in ``dtype``."""
+    copy = getattr(param, "qlora_compute_copy", None)
+    return copy if copy is not None and copy.dtype == dtype else None
 
 
 def _fused_forward(layer):
@@ -133,7 +146,8 @@ def _fused_forward(layer):
         dropout = layer.lora_dropout[name]
         same = isinstance(dropout, torch.nn.Identity) or not getattr(dropout, "p", 0.0)
         xd = x if same else dropout(x)
-        return op(x, xd, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return op(x, xd, base.weight, base.bias, a, b, _copy_in(a, x.dtype), _copy_in(b, x.dtype),
                   float(layer.scaling[name]), same)
 
     forward._qlora_fused = True

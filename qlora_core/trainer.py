@@ -427,6 +427,7 @@ class Job:
         self._order_cache: dict[str, Any] = {}
         self._packing_checked = False
         self._varlen = False  # packed micro-batches as one row for the varlen attention (set when a run starts)
+        self.fused_lora = False  # the 4-bit LoRA layers run as one op (train.fused_lora; set when they are made)
 
     @property
     def hook(self) -> Any:
@@ -566,6 +567,10 @@ class Job:
         self.model = get_peft_model(model, lora)
         cuda = self.device == "cuda"
         fused = auto_on(cfg["train.fused_lora"], cuda)
+        self.fused_lora = fused
+        from . import nf4
+
+        nf4.set_enabled(cfg["train.fast_dequant"])
         if fused:
             from .lora_fused import fuse_lora_layers
 
@@ -647,6 +652,8 @@ class Job:
 
             self._flat = FlatParams(params)
             params = self._flat.params
+            if self.fused_lora and cfg["train.adapter_compute_copy"] and self.compute_dtype != torch.float32:
+                self._flat.add_compute_copies(self.compute_dtype)  # one cast a step, not four per layer
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
@@ -708,6 +715,9 @@ class Job:
             except BaseException as e:
                 record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
                 raise
+            finally:
+                if self._flat is not None:
+                    self._flat.drop_compute_copies()
             record.finish("completed")
             return result
 
@@ -992,6 +1002,8 @@ class Job:
         self._layer_notices(run, model)
         self._reserve_offload()
         hook.qlora_on_train_start(run=run)
+        if flat is not None:
+            flat.sync_compute_copies()  # the parameters as they are now (a resumed checkpoint's, a callback's)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
@@ -1018,6 +1030,7 @@ class Job:
             optimizer.step()
             scheduler.step()
             if flat is not None:
+                flat.sync_compute_copies()
                 flat.zero_grad()
             else:
                 optimizer.zero_grad(set_to_none=True)

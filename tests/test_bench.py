@@ -4,6 +4,7 @@ bad arguments as one ``error:`` line."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -33,13 +34,13 @@ def ragged_report(tmp_path_factory):
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
                  "--steps", "3", "--warmup", "1", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
                  "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
-                 cwd=tmp)
+                 "--profile", str(tmp / "profile"), cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads((tmp / "r.json").read_text()), done.stdout
+    return json.loads((tmp / "r.json").read_text()), done.stdout, tmp / "profile"
 
 
 def test_seed_and_qlora_train_the_same_maths_on_the_same_data(ragged_report):
-    report, table = ragged_report
+    report, table, _ = ragged_report
     by = {r["variant"]: r for r in report["results"]}
     seed, trainer, ours, packed = by["seed"], by["seed-trainer"], by["qlora"], by["qlora+packing"]
     for r in (seed, trainer, ours, packed):
@@ -57,11 +58,21 @@ def test_seed_and_qlora_train_the_same_maths_on_the_same_data(ragged_report):
 
 
 def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
-    report, table = ragged_report
+    report, table, _ = ragged_report
     broken = next(r for r in report["results"] if r["variant"] == "broken")
     assert broken["error"].startswith("exit code") and any("lora.r" in line for line in broken["log_tail"])
     assert "broken" in table
     assert report["settings"]["min_len"] == 8 and report["versions"]["torch"]
+
+
+def test_profile_summarises_the_kernels_and_keeps_the_trace(ragged_report):
+    _, _, folder = ragged_report
+    for name in ("seed", "qlora", "qlora+packing"):
+        summary = (folder / f"profile-{name}.txt").read_text()
+        assert summary.startswith("two steps: ") and "ms of wall time" in summary and "Name" in summary
+        with gzip.open(folder / f"profile-{name}.trace.json.gz") as f:
+            events = json.load(f)["traceEvents"]
+        assert any("linear" in str(e.get("name", "")).lower() or "mm" in str(e.get("name", "")) for e in events)
 
 
 def test_variants_by_name_and_by_overrides():

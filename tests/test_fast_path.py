@@ -363,3 +363,101 @@ def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_con
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-4)
     for k in grads_ref:
         torch.testing.assert_close(got[k], grads_ref[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_nf4_single_kernel_formula_is_bitsandbytes_bit_for_bit(nested, storage):
+    """qlora_core.nf4's arithmetic (here in PyTorch; benchmarks/fused_check.py compares the Triton kernel on the
+    GPU): the same bits as bitsandbytes' dequantize_4bit, with and without double quantization, packed in
+    uint8 or in FSDP's bf16 storage. Off CUDA the kernel declines and bitsandbytes does the work."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_core.layers import dense_weight
+    from qlora_core.nf4 import dequantize_nf4, dequantize_nf4_reference
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(96, 64 * 13, generator=gen) * 0.02).to(dtype)  # 78 blocks: not a multiple of 256
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4",
+                                           quant_storage=storage)
+        expected = bnbf.dequantize_4bit(packed, state)
+        got = dequantize_nf4_reference(packed, state)
+        assert got.dtype == expected.dtype and got.shape == expected.shape == w.shape
+        assert torch.equal(got, expected)
+        assert (got.float() - w.float()).abs().max() < 0.2 * w.float().abs().max()  # it is the weight
+        assert dequantize_nf4(packed, state) is None  # no CUDA here
+        packed.quant_state = state
+        assert torch.equal(dense_weight(packed, dtype), expected)  # the fallback
+
+
+def test_compute_copies_follow_the_parameters():
+    """FlatParams' bf16 copies of float32 adapters: equal to a cast after creation and after each sync, stale
+    in between (the trainer syncs after every optimizer step), gone after drop."""
+    from qlora_core.flat import FlatParams
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((8, 16), (16, 8), (3,))]
+    flat = FlatParams(params)
+    assert flat.add_compute_copies(torch.bfloat16) == 3
+    for p in params:
+        assert p.qlora_compute_copy.dtype == torch.bfloat16 and p.qlora_compute_copy.shape == p.shape
+        assert torch.equal(p.qlora_compute_copy, p.detach().to(torch.bfloat16))
+    with torch.no_grad():
+        flat.params[0].add_(1.0)  # what an optimizer step does to the buffer
+    assert not torch.equal(params[1].qlora_compute_copy, params[1].detach().to(torch.bfloat16))
+    flat.sync_compute_copies()
+    for p in params:
+        assert torch.equal(p.qlora_compute_copy, p.detach().to(torch.bfloat16))
+    flat.drop_compute_copies()
+    assert not any(hasattr(p, "qlora_compute_copy") for p in params)
+    assert FlatParams([torch.nn.Parameter(torch.ones(4))]).add_compute_copies(torch.float32) == 0  # same dtype
+
+
+def test_the_fused_op_computes_the_same_with_compute_copies():
+    """The fused LoRA op given the adapters' bf16 copies: the output and every gradient identical to the op
+    casting the float32 adapters itself (the gradients still reach the float32 parameters)."""
+    from qlora_core.lora_fused import _ops
+
+    op = _ops()
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(24, 16, generator=gen).to(torch.bfloat16)
+    x0 = torch.randn(2, 5, 16, generator=gen).to(torch.bfloat16)
+    a0, b0 = torch.randn(4, 16, generator=gen), torch.randn(24, 4, generator=gen)
+
+    def run(copies: bool):
+        x = x0.clone().requires_grad_(True)
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        ac, bc = (a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)) if copies else (None, None)
+        y = op(x, x, weight, None, a, b, ac, bc, 2.0, True)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        return y, x.grad, a.grad, b.grad
+
+    for got, expected in zip(run(True), run(False)):
+        assert got.dtype == expected.dtype
+        assert torch.equal(got, expected)
+    assert run(True)[2].dtype == torch.float32
+
+
+def test_training_with_compute_copies_matches_casting_each_use(tiny_config, tmp_path, monkeypatch):
+    """bf16 compute with the fused op and flat parameters: three steps with the kept bf16 copies give the
+    losses of three steps casting the adapters at each use, so the copies follow every optimizer step."""
+    from qlora_core.flat import FlatParams
+
+    def losses(name, *extra):
+        job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",
+                                          "train.compile=false", "train.optim=adamw", *extra],
+                  output_dir=tmp_path / name)
+        result = job.run()
+        return [m["loss"] for m in result.metrics if "loss" in m], job
+
+    made = []
+    original = FlatParams.add_compute_copies
+    monkeypatch.setattr(FlatParams, "add_compute_copies",
+                        lambda self, dtype: made.append(original(self, dtype)) or made[-1])
+    with_copies, job = losses("copies")
+    assert made and made[0] > 0  # the copies were used
+    assert not any(hasattr(p, "qlora_compute_copy") for p in job.model.parameters())  # dropped after the run
+    casting, _ = losses("casting", "train.adapter_compute_copy=false")
+    assert len(made) == 1  # not made when switched off
+    assert len(with_copies) == 3 and with_copies == casting
