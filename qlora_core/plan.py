@@ -81,8 +81,11 @@ qlora's own loop on one GPU changes two terms (its defaults; both modelled from 
 * **offloaded checkpoints** (``train.activation_offload``): two layers' inputs on the GPU at a time instead of
   ``L``.
 
-Measured with these defaults (``qlora bench``): 7.51 GiB at the Llama-3-8B shape (estimate 8.16, +9%) and
-39.75 GiB at the Llama-3-70B shape, batch 1 (estimate 40.37, +1.6%). The per-layer term was derived for PEFT's
+It also counts the adapters' bf16 copy that the fused LoRA op reads (``train.adapter_compute_copy``: 2 bytes
+per trainable parameter beside the 4 of the float32 weights).
+
+Measured with these defaults (``qlora bench``): 7.59 GiB at the Llama-3-8B shape (estimate 8.24, +9%) and
+40.11 GiB at the Llama-3-70B shape, batch 1 (estimate 40.76, +1.6%). The per-layer term was derived for PEFT's
 LoRA layers; the fused LoRA op keeps less, so the estimate errs high.
 
 Transient buffers: the largest 4-bit layer dequantized for its matmul (``a x in x out``) plus 64 MiB of
@@ -547,6 +550,7 @@ class Settings:
     fused_loss: bool = False
     offload: bool = False
     shard_adapters: bool = True  # the guide's FSDP recipe shards them too; the fsdp plugin keeps them whole
+    adapter_copy: bool = False  # the adapters' compute-dtype copy for the fused op (train.adapter_compute_copy)
 
 
 def layer_bytes_per_token(shape: ModelShape, settings: Settings, targets: str | Sequence[str]) -> float:
@@ -610,7 +614,7 @@ def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequen
     constants = n_quant * const_bits / 8 + n_quant_layers * (64 + (1028 if settings.double_quant else 0))
     other_bytes = 4 if settings.upcast else a
     other = n_other * other_bytes
-    lora = trainable * 4.0
+    lora = trainable * (4.0 + (a if settings.adapter_copy else 0))  # fp32, and the fused op's bf16 copy
     grads = trainable * 4.0
     optim = trainable * float(settings.optimizer_bytes)
 
@@ -759,6 +763,9 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         # checkpointed inputs offloaded to CPU memory (train.activation_offload's auto is on for CUDA).
         fused_loss=bool(config["train.fused_cross_entropy"]) and loss == "qlora",
         offload=auto_on(config["train.activation_offload"], True),
+        # the fused op (auto: on CUDA) reads the adapters' bf16 copy, kept beside the flat float32 buffer
+        adapter_copy=(loss == "qlora" and compute != "float32" and bool(config["train.adapter_compute_copy"])
+                      and bool(config["train.flat_params"]) and auto_on(config["train.fused_lora"], True)),
     ), notes
 
 

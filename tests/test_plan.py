@@ -392,3 +392,19 @@ def test_several_gpus_want_bf16_quant_storage():
     assert any("quant_storage" in w for w in guidance_warnings(cfg, 8.03e9, gpus=2))
     fsdp = _config(train={"gradient_accumulation_steps": 4}, quant={"bnb_4bit_quant_storage": "bfloat16"})
     assert guidance_warnings(fsdp, 8.03e9, gpus=2) == []
+
+
+def test_the_fused_op_s_bf16_copy_of_the_adapters_is_counted(llama8b_dir):
+    """qlora's defaults keep a bf16 copy of the float32 adapters for the fused op (train.adapter_compute_copy):
+    6 bytes per trainable parameter instead of 4, and 4 again when the copy, the fused op, the flat buffer or
+    bf16 compute is off."""
+    base = {"lora": {"r": 16, "lora_alpha": 32}, "train": {"max_seq_length": 2048}}
+    on = plan(llama8b_dir, base)
+    assert on.settings.adapter_copy
+    assert on.memory.lora_weights == pytest.approx(on.trainable_params * 6)
+    for key, value in (("train.adapter_compute_copy", False), ("train.fused_lora", False),
+                       ("train.flat_params", False), ("quant.bnb_4bit_compute_dtype", "float32")):
+        section, name = key.split(".")
+        off = plan(llama8b_dir, {**base, section: {**base.get(section, {}), name: value}})
+        assert not off.settings.adapter_copy, key
+        assert off.memory.lora_weights == pytest.approx(off.trainable_params * 4), key

@@ -112,7 +112,7 @@ def print_plan(result) -> None:
         "quantized_weights": "4-bit linear weights (0.5 B/param)",
         "quant_constants": f"quantization constants ({'0.127' if st.double_quant else '0.5'} bit/param)",
         "other_weights": "embeddings, head, norms" + (" (fp32 upcast)" if st.upcast else f" ({st.compute_dtype})"),
-        "lora_weights": "LoRA weights (fp32)",
+        "lora_weights": "LoRA weights (fp32" + (f" + {st.compute_dtype} copy)" if st.adapter_copy else ")"),
         "lora_gradients": "LoRA gradients (fp32)",
         "optimizer_states": f"optimizer states ({st.optimizer_bytes} B/param)",
         "stored_activations": "activations kept for backward",
