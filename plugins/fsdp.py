@@ -179,6 +179,11 @@ def adapter_grad_averager(world: int, params: list):
                 p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
+            whole = _one_buffer(grads)
+            if whole is not None:  # train.flat_params: the gradients already fill one buffer, reduced in place
+                dist.all_reduce(whole, op=dist.ReduceOp.SUM)
+                whole.div_(world)
+                continue
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.div_(world)
@@ -186,6 +191,17 @@ def adapter_grad_averager(world: int, params: list):
                 grad.copy_(synced)
 
     return average_all
+
+
+def _one_buffer(grads: list):
+    """The buffer ``grads`` exactly tile (views of one tensor, together as large as it: what
+    :class:`qlora_core.flat.FlatParams` makes), else None."""
+    base = grads[0]._base
+    if base is None or not base.is_contiguous() or any(g._base is not base for g in grads):
+        return None
+    if sum(g.numel() for g in grads) != base.numel() or len({g.data_ptr() for g in grads}) != len(grads):
+        return None
+    return base
 
 
 def _free_port() -> int:

@@ -263,3 +263,20 @@ def test_two_processes_under_ddp_train_as_one_process_does(fsdp_config, tmp_path
     got, expected = losses(two), losses(one)
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)
+
+
+def test_flat_gradients_are_all_reduced_in_their_own_buffer():
+    """With train.flat_params the adapters' gradients are views tiling one buffer: the averager reduces that
+    buffer in place (no flatten-and-copy-back); anything else (separate tensors, part of a buffer) takes the
+    flattening path."""
+    import torch
+
+    from plugins.fsdp import _one_buffer
+    from qlora_core.flat import FlatParams
+
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 8), (8, 4), (3,))]
+    flat = FlatParams(params)
+    grads = [p.grad for p in params]
+    assert _one_buffer(grads) is flat.params[0].grad
+    assert _one_buffer(grads[:2]) is None  # part of the buffer
+    assert _one_buffer([torch.zeros(4, 8), torch.zeros(8, 4)]) is None  # separate tensors
