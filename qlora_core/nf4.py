@@ -16,7 +16,8 @@ formula in PyTorch, is compared with bitsandbytes on the CPU by the tests).
 
 It covers NF4 with or without double quantization, packed in ``uint8`` or in another storage dtype (FSDP's
 ``bnb_4bit_quant_storage``). Anything else (FP4, a transposed packing, no CUDA or no Triton) returns None and
-the caller uses bitsandbytes.
+the caller uses bitsandbytes; so does every call after the kernel once failed to build or run (with a
+warning).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def dequantize_nf4(weight, quant_state, block: int | None = None, warps: int | N
     override :data:`BLOCK` and :data:`WARPS` (the sweep)."""
     import torch
 
-    if not supported(weight, quant_state):
+    if not _kernel() or not supported(weight, quant_state):
         return None
     packed = weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight
     out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
@@ -127,9 +128,18 @@ def dequantize_nf4(weight, quant_state, block: int | None = None, warps: int | N
     absmax, absmax2, code2, offset, blocksize2, nested = args
     block, warps = block or BLOCK, warps or WARPS
     grid = ((n + block - 1) // block,)
-    _kernel()[grid](packed, absmax, absmax2, code2, offset, quant_state.code, out, n,
-                    BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
-                    num_warps=warps, enable_fp_fusion=False)
+    try:
+        _kernel()[grid](packed, absmax, absmax2, code2, offset, quant_state.code, out, n,
+                        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
+                        num_warps=warps, enable_fp_fusion=False)
+    except Exception as e:  # noqa: BLE001 - Triton cannot build or run it here (an old GPU, a broken install)
+        global _KERNEL
+        _KERNEL = False  # bitsandbytes from now on, in this process
+        import warnings
+
+        warnings.warn(f"qlora: the one-kernel NF4 dequantization failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"using bitsandbytes' (train.fast_dequant=false silences this)", stacklevel=2)
+        return None
     return out
 
 

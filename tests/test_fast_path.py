@@ -461,3 +461,28 @@ def test_training_with_compute_copies_matches_casting_each_use(tiny_config, tmp_
     casting, _ = losses("casting", "train.adapter_compute_copy=false")
     assert len(made) == 1  # not made when switched off
     assert len(with_copies) == 3 and with_copies == casting
+
+
+def test_a_kernel_that_fails_to_run_falls_back_to_bitsandbytes_with_a_warning(monkeypatch):
+    """Triton unable to build the NF4 kernel (an old GPU, a broken install): one warning, None (the caller
+    uses bitsandbytes), and no further attempt in this process."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_core import nf4
+
+    launches = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                raise RuntimeError("no kernel image is available for execution on the device")
+            return launch
+
+    monkeypatch.setattr(nf4, "_KERNEL", Broken())
+    monkeypatch.setattr(nf4, "_supported", lambda weight, state: True)  # as on a GPU
+    packed, state = bnbf.quantize_4bit(torch.randn(64, 128), compress_statistics=True, quant_type="nf4")
+    with pytest.warns(UserWarning, match="NF4 dequantization failed .*no kernel image"):
+        assert nf4.dequantize_nf4(packed, state) is None
+    assert nf4._KERNEL is False and len(launches) == 1
+    assert nf4.dequantize_nf4(packed, state) is None and len(launches) == 1  # not tried again
