@@ -457,7 +457,15 @@ def run_variant_process(name: str, spec: dict[str, Any], args: dict[str, Any], m
 
 
 def compare(results: list[dict[str, Any]]) -> None:
-    """Add ratios to ``seed`` (tokens/s and peak memory) and the loss curves' largest difference."""
+    """Add ratios to ``seed`` (tokens/s and peak memory) and the loss curves' largest difference; and, for
+    each variant beside ``qlora`` (a lever changed), its tokens/s ratio and peak-memory difference to it."""
+    ours = next((r for r in results if r.get("variant") == "qlora" and "error" not in r), None)
+    for r in results:
+        if ours is None or r is ours or "error" in r or r.get("variant") == "seed":
+            continue
+        r["speedup_vs_qlora"] = r["tokens_per_second"] / ours["tokens_per_second"]
+        if r.get("peak_allocated_gib") is not None and ours.get("peak_allocated_gib") is not None:
+            r["memory_vs_qlora_gib"] = r["peak_allocated_gib"] - ours["peak_allocated_gib"]
     seed = next((r for r in results if r.get("variant") == "seed" and "error" not in r), None)
     if seed is None:
         return
@@ -481,8 +489,8 @@ def render(report: dict[str, Any]) -> None:
     table = Table(title=f"qlora bench: {a['shape']}, {lengths}, batch {a['batch']}, r {a['r']}, "
                         f"lora_dropout {a['lora_dropout']:g}, {a['steps']} steps after {a['warmup']} warmup "
                         f"({report['device']})")
-    for col in ("variant", "step s", "tokens/s", "x seed", "padding", "peak alloc GiB", "peak reserved GiB",
-                "weights GiB", "mem / seed", "final loss", "max |loss - seed|"):
+    for col in ("variant", "step s", "tokens/s", "x seed", "x qlora", "padding", "peak alloc GiB",
+                "+GiB vs qlora", "peak reserved GiB", "weights GiB", "mem / seed", "final loss", "max |loss - seed|"):
         table.add_column(col, justify="left" if col == "variant" else "right")
 
     def f(x, fmt):
@@ -490,11 +498,12 @@ def render(report: dict[str, Any]) -> None:
 
     for r in report["results"]:
         if "error" in r:
-            table.add_row(r["variant"], r["error"], *[""] * 9)
+            table.add_row(r["variant"], r["error"], *[""] * 11)
             continue
         table.add_row(r["variant"], f(r["median_step_seconds"], ".3f"), f(r["tokens_per_second"], ",.0f"),
-                      f(r.get("speedup_vs_seed"), ".2f"), f(r.get("padding_waste"), ".1%"),
-                      f(r.get("peak_allocated_gib"), ".2f"),
+                      f(r.get("speedup_vs_seed"), ".2f"), f(r.get("speedup_vs_qlora"), ".3f"),
+                      f(r.get("padding_waste"), ".1%"), f(r.get("peak_allocated_gib"), ".2f"),
+                      f(r.get("memory_vs_qlora_gib"), "+.2f"),
                       f(r.get("peak_reserved_gib"), ".2f"), f(r.get("weights_gib"), ".2f"),
                       f(r.get("memory_vs_seed"), ".2f"), f(r["final_loss"], ".4f"),
                       f(r.get("loss_max_abs_diff_vs_seed"), ".4f"))

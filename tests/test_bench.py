@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.bench import ABLATIONS, VARIANTS, make_sequences, parse_variant
+from qlora_core.bench import ABLATIONS, VARIANTS, compare, make_sequences, parse_variant
 from qlora_core.errors import UsageError
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -51,10 +51,14 @@ def test_seed_and_qlora_train_the_same_maths_on_the_same_data(ragged_report):
     assert trainer["loss_max_abs_diff_vs_seed"] < 1e-4  # transformers' Trainer, the same examples in order
     assert packed["loss_max_abs_diff_vs_seed"] < 1e-4
     assert ours["speedup_vs_seed"] == pytest.approx(ours["tokens_per_second"] / seed["tokens_per_second"])
+    # each variant beside qlora: its gain over the defaults (a lever's, in an ablation)
+    assert packed["speedup_vs_qlora"] == pytest.approx(packed["tokens_per_second"] / ours["tokens_per_second"])
+    assert trainer["speedup_vs_qlora"] == pytest.approx(trainer["tokens_per_second"] / ours["tokens_per_second"])
+    assert "speedup_vs_qlora" not in ours and "speedup_vs_qlora" not in seed
     # ragged lengths: padding costs the padded path, not the packed one
     # (packing's is the filler that evens its rows)
     assert 0 < ours["padding_waste"] < 1 and 0 <= packed["padding_waste"] < ours["padding_waste"]
-    assert "qlora bench" in table and "qlora+packing" in table
+    assert "qlora bench" in table and "qlora+packing" in table and "x qlora" in table
 
 
 def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
@@ -73,6 +77,22 @@ def test_profile_summarises_the_kernels_and_keeps_the_trace(ragged_report):
         with gzip.open(folder / f"profile-{name}.trace.json.gz") as f:
             events = json.load(f)["traceEvents"]
         assert any("linear" in str(e.get("name", "")).lower() or "mm" in str(e.get("name", "")) for e in events)
+
+
+def test_each_lever_is_compared_with_the_defaults_and_the_seed():
+    """The ratios a report carries: to the seed (tokens/s, memory, loss curve) and, for a lever changed, to
+    qlora's defaults (tokens/s ratio, GiB more or less); a failed variant gets none."""
+    results = [{"variant": "seed", "tokens_per_second": 100.0, "peak_allocated_gib": 20.0, "losses": [3.0, 2.0]},
+               {"variant": "qlora", "tokens_per_second": 200.0, "peak_allocated_gib": 8.0, "losses": [3.0, 2.5]},
+               {"variant": "qlora-offload", "tokens_per_second": 210.0, "peak_allocated_gib": 9.5,
+                "losses": [3.0, 2.0]},
+               {"variant": "broken", "error": "exit code 1"}]
+    compare(results)
+    seed, ours, lever, broken = results
+    assert ours["speedup_vs_seed"] == 2.0 and ours["memory_vs_seed"] == 0.4
+    assert ours["loss_max_abs_diff_vs_seed"] == 0.5
+    assert lever["speedup_vs_qlora"] == pytest.approx(1.05) and lever["memory_vs_qlora_gib"] == pytest.approx(1.5)
+    assert "speedup_vs_qlora" not in seed and "speedup_vs_qlora" not in ours and set(broken) == {"variant", "error"}
 
 
 def test_variants_by_name_and_by_overrides():
