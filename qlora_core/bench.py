@@ -487,7 +487,8 @@ def render(report: dict[str, Any]) -> None:
     a = report["settings"]
     lengths = f"lengths {a['min_len']}..{a['seq']}" if a.get("min_len") else f"seq {a['seq']}"
     table = Table(title=f"qlora bench: {a['shape']}, {lengths}, batch {a['batch']}, r {a['r']}, "
-                        f"lora_dropout {a['lora_dropout']:g}, {a['steps']} steps after {a['warmup']} warmup "
+                        f"lora_dropout {a['lora_dropout']:g}, lr {a['learning_rate']:g}, "
+                        f"{a['steps']} steps after {a['warmup']} warmup "
                         f"({report['device']})")
     for col in ("variant", "step s", "tokens/s", "x seed", "x qlora", "padding", "peak alloc GiB",
                 "+GiB vs qlora", "peak reserved GiB", "weights GiB", "mem / seed", "final loss", "max |loss - seed|"):
@@ -540,6 +541,8 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
         raise UsageError(f"--min-len must be between 1 and --seq {seq} (got {min_len})")
     if not 0 <= lora_dropout < 1:
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {lora_dropout})")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise UsageError(f"--learning-rate must be a positive number (got {learning_rate})")
     parsed = [parse_variant(v) for v in variants]
     args = {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "r": r,
             "lora_dropout": lora_dropout, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm,

@@ -32,7 +32,7 @@ def ragged_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "config.json").write_text(json.dumps(TINY))
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
-                 "--steps", "3", "--warmup", "1", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
+                 "--steps", "3", "--warmup", "1", "--learning-rate", "3e-3", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
                  "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
                  "--profile", str(tmp / "profile"), cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -67,6 +67,7 @@ def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
     assert broken["error"].startswith("exit code") and any("lora.r" in line for line in broken["log_tail"])
     assert "broken" in table
     assert report["settings"]["min_len"] == 8 and report["versions"]["torch"]
+    assert report["settings"]["learning_rate"] == 3e-3 and "lr 0.003" in table
 
 
 def test_profile_summarises_the_kernels_and_keeps_the_trace(ragged_report):
@@ -119,7 +120,8 @@ def test_bench_data_is_learnable_and_ragged_on_request():
 @pytest.mark.parametrize("args, named", [(["--variant", "nope"], "unknown bench variant"),
                                          (["--shape", "llama9-1t"], "unknown shape"),
                                          (["--min-len", "0"], "--min-len"),
-                                         (["--steps", "0"], "--steps")])
+                                         (["--steps", "0"], "--steps"),
+                                         (["--learning-rate", "0"], "--learning-rate")])
 def test_bad_arguments_are_one_error_line(tmp_path, args, named):
     done = qlora("bench", *args, cwd=tmp_path)
     assert done.returncode == 2

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps before the measured ones (default 2)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank, all linear layers, alpha 2r (default 16)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    parser.add_argument("--learning-rate", type=float, default=2e-4,
+                        help="constant learning rate of every variant (default 2e-4, the guide's); higher makes "
+                             "the loss curves move further on random weights")
     parser.add_argument("--variant", action="append", dest="variants", metavar="NAME[=KEY=VALUE,...]",
                         help=f"what to measure (repeatable; default seed and qlora): {', '.join(VARIANTS)}, or "
                              f"NAME=KEY=VALUE,... for qlora with config overrides (plugin:NAME adds a plugin)")
@@ -49,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     if args.ablations:
         variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
     report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
-                   lora_dropout=args.lora_dropout, variants=variants or ("seed", "qlora"),
+                   lora_dropout=args.lora_dropout, learning_rate=args.learning_rate,
+                   variants=variants or ("seed", "qlora"),
                    timeout=args.variant_timeout, min_len=args.min_len,
                    profile_dir=args.profile, on_result=save)
     if args.json:
