@@ -74,8 +74,9 @@ def _kernel():
 
 def supported(weight, quant_state) -> bool:
     """Whether :func:`dequantize_nf4` handles this weight (else the caller uses bitsandbytes); the answer is
-    kept on the quantization state for the weight's device and storage."""
-    key = (weight.device, weight.dtype, weight.data_ptr())
+    kept on the quantization state for the weight's device, storage dtype, shape and layout (not its address:
+    FSDP gathers each weight into a new buffer every step)."""
+    key = (weight.device, weight.dtype, tuple(weight.shape), weight.is_contiguous())
     cached = getattr(quant_state, "_qlora_nf4", None)
     if cached is not None and cached[0] == key:
         return cached[1]
