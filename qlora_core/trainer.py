@@ -652,8 +652,6 @@ class Job:
 
             self._flat = FlatParams(params)
             params = self._flat.params
-            if self.fused_lora and cfg["train.adapter_compute_copy"] and self.compute_dtype != torch.float32:
-                self._flat.add_compute_copies(self.compute_dtype)  # one cast a step, not four per layer
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
@@ -710,14 +708,21 @@ class Job:
                 record.resume(cfg, self.plugins, state.step)
             else:
                 record.start(cfg, self.plugins)
+            flat = self._flat
             try:
+                # The adapters' bf16 copy for the fused op (one cast a step, not four per layer), made here so
+                # that however the run ends the finally below removes it: a copy left on the parameters would
+                # be read, stale, by a later run or forward that does not keep one.
+                if flat is not None and self.fused_lora and cfg["train.adapter_compute_copy"] \
+                        and self.compute_dtype != torch.float32:
+                    flat.add_compute_copies(self.compute_dtype)
                 result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
             except BaseException as e:
                 record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
                 raise
             finally:
-                if self._flat is not None:
-                    self._flat.drop_compute_copies()
+                if flat is not None:
+                    flat.drop_compute_copies()
             record.finish("completed")
             return result
 
