@@ -155,6 +155,7 @@ class _Profiler:
         if step == self.start_after and self.prof is None:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
+            _sync()  # the window starts with the GPU idle: the previous step's queued work is not counted
             self.prof.__enter__()
             self.started = time.perf_counter()
         elif self.prof is not None and step == self.start_after + 2:

@@ -22,6 +22,7 @@ warning).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 _KERNEL: Any = None
@@ -90,6 +91,11 @@ def _supported(weight, quant_state) -> bool:
 
     if not (weight.is_cuda and quant_state.quant_type == "nf4" and weight.is_contiguous()):
         return False
+    n = 1
+    for size in quant_state.shape:
+        n *= int(size)
+    if weight.numel() * weight.element_size() * 2 < n:  # fewer packed values than the shape says
+        return False
     if weight.dim() == 2 and weight.shape[0] == 1:  # packed transposed: bitsandbytes returns ``out.t()``
         return False
     if quant_state.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -98,8 +104,10 @@ def _supported(weight, quant_state) -> bool:
     tensors = [quant_state.code, quant_state.absmax]
     if quant_state.nested:
         s2, offset = quant_state.state2, quant_state.offset
+        # bitsandbytes rounds the second-level scales in state2's dtype: the kernel's float32 matches it only then
         if not (torch.is_tensor(offset) and offset.dtype == torch.float32 and offset.numel() == 1
-                and s2.absmax.dtype == torch.float32 and quant_state.absmax.dtype == torch.uint8):
+                and s2.absmax.dtype == torch.float32 and quant_state.absmax.dtype == torch.uint8
+                and s2.code.dtype == torch.float32 and getattr(s2, "dtype", torch.float32) == torch.float32):
             return False
         tensors += [s2.code, s2.absmax, offset]
     # on the weight's GPU already (else each call would copy them there)
@@ -129,10 +137,13 @@ def dequantize_nf4(weight, quant_state, block: int | None = None, warps: int | N
     absmax, absmax2, code2, offset, blocksize2, nested = args
     block, warps = block or BLOCK, warps or WARPS
     grid = ((n + block - 1) // block,)
+    # Triton launches on the current device; bitsandbytes on the tensor's
+    elsewhere = weight.is_cuda and weight.device.index != torch.cuda.current_device()
     try:
-        _kernel()[grid](packed, absmax, absmax2, code2, offset, quant_state.code, out, n,
-                        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
-                        num_warps=warps, enable_fp_fusion=False)
+        with torch.cuda.device(weight.device) if elsewhere else contextlib.nullcontext():
+            _kernel()[grid](packed, absmax, absmax2, code2, offset, quant_state.code, out, n,
+                            BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
+                            num_warps=warps, enable_fp_fusion=False)
     except Exception as e:  # noqa: BLE001 - Triton cannot build or run it here (an old GPU, a broken install)
         global _KERNEL
         _KERNEL = False  # bitsandbytes from now on, in this process
@@ -150,8 +161,10 @@ def dequantize_nf4_reference(weight, quant_state):
 
     packed = (weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight).reshape(-1).to(torch.int64)
     nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)
-    values = quant_state.code.float().to(weight.device)[nibbles]
-    n = values.numel()
+    n = 1
+    for size in quant_state.shape:
+        n *= int(size)
+    values = quant_state.code.float().to(weight.device)[nibbles[:n]]  # an odd count leaves the last nibble unused
     blocks = torch.arange(n, device=weight.device) // quant_state.blocksize
     if quant_state.nested:
         s2 = quant_state.state2

@@ -391,6 +391,19 @@ def test_nf4_single_kernel_formula_is_bitsandbytes_bit_for_bit(nested, storage):
         assert torch.equal(dense_weight(packed, dtype), expected)  # the fallback
 
 
+def test_nf4_formula_handles_an_odd_number_of_values():
+    """An odd count leaves the last packed byte half used: the formula takes only the values the shape has."""
+    import bitsandbytes.functional as bnbf
+
+    from qlora_core.nf4 import dequantize_nf4_reference
+
+    w = torch.randn(2145, generator=torch.Generator().manual_seed(4))
+    for nested in (True, False):
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        assert packed.numel() * 2 == 2146
+        assert torch.equal(dequantize_nf4_reference(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
 def test_compute_copies_follow_the_parameters():
     """FlatParams' bf16 copies of float32 adapters: equal to a cast after creation and after each sync, stale
     in between (the trainer syncs after every optimizer step), gone after drop."""
@@ -486,3 +499,27 @@ def test_a_kernel_that_fails_to_run_falls_back_to_bitsandbytes_with_a_warning(mo
         assert nf4.dequantize_nf4(packed, state) is None
     assert nf4._KERNEL is False and len(launches) == 1
     assert nf4.dequantize_nf4(packed, state) is None and len(launches) == 1  # not tried again
+
+
+@pytest.mark.parametrize("where", ["before the loop", "in the loop"])
+def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, monkeypatch, where):
+    """The adapters' bf16 copies are removed however the run ends, before its loop or in it: a copy left on a
+    parameter would be read, stale, by the next run's fused op even with the copies switched off."""
+    from qlora_core import trainer
+
+    seen = []
+
+    def fail(self, *args, **kwargs):
+        seen.extend(p for p in job.model.parameters() if hasattr(p, "qlora_compute_copy"))
+        raise RuntimeError("the run failed")
+
+    if where == "in the loop":
+        monkeypatch.setattr(trainer.Job, "_loop", fail)
+    else:  # the run record is started after the optimizer and the flat buffer are made
+        monkeypatch.setattr(trainer.RunRecord, "start", fail)
+    job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",
+                                      "train.compile=false", "train.optim=adamw"], output_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        job.run()
+    assert bool(seen) == (where == "in the loop")  # the copies exist only while the loop runs
+    assert not any(hasattr(p, "qlora_compute_copy") for p in job.model.parameters())
