@@ -11,8 +11,9 @@ Llama-3-8B shape that is 640 calls a step, and their CPU cost is what leaves the
     w[i]  = NF4[nibble(i)] * scale                                                    (float32, then rounded)
 
 with the same float32 operations in the same order (no fused multiply-add), so the result is bitsandbytes'
-bit for bit (``benchmarks/fused_check.py`` compares them on the GPU; :func:`dequantize_nf4_reference`, the same
-formula in PyTorch, is compared with bitsandbytes on the CPU by the tests).
+bit for bit (``benchmarks/fused_check.py`` compares them on the GPU). The CPU tests run the kernel itself on
+Triton's interpreter against bitsandbytes (bit for bit for float32 and float16 output; bf16 within one step, as
+the interpreter rounds bf16 by truncation) and :func:`dequantize_nf4_reference`, the formula in PyTorch.
 
 It covers NF4 with or without double quantization, packed in ``uint8`` or in another storage dtype (FSDP's
 ``bnb_4bit_quant_storage``). Anything else (FP4, a transposed packing, no CUDA or no Triton) returns None and
@@ -120,10 +121,15 @@ def dequantize_nf4(weight, quant_state, block: int | None = None, warps: int | N
     """``weight`` (packed NF4) as a dense ``quant_state.shape`` matrix in ``quant_state.dtype``, the same bits as
     ``bitsandbytes.functional.dequantize_4bit``; None when :func:`supported` says no. ``block`` and ``warps``
     override :data:`BLOCK` and :data:`WARPS` (the sweep)."""
-    import torch
-
     if not _kernel() or not supported(weight, quant_state):
         return None
+    return _dequantize(weight, quant_state, block, warps)
+
+
+def _dequantize(weight, quant_state, block: int | None = None, warps: int | None = None):
+    """The launch itself, without :func:`supported`'s checks (the tests run it on Triton's CPU interpreter)."""
+    import torch
+
     packed = weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight
     out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
     n = out.numel()

@@ -391,6 +391,63 @@ def test_nf4_single_kernel_formula_is_bitsandbytes_bit_for_bit(nested, storage):
         assert torch.equal(dense_weight(packed, dtype), expected)  # the fallback
 
 
+_INTERPRETED_NF4 = """
+import json, sys
+import torch
+import bitsandbytes.functional as bnbf
+from qlora_core import nf4
+
+gen = torch.Generator().manual_seed(5)
+results = []
+# rows a whole number of blocks (bitsandbytes' CPU quantizer then lays blocks out flat, as its CUDA one does);
+# the odd count is 1-D (bitsandbytes returns it as one row: the values are compared)
+for shape, blocksize in (((96, 832), 64), ((24, 512), 128), ((40, 256), 256), ((2145,), 64)):
+    for nested in (True, False):
+        for storage in (torch.uint8, torch.bfloat16):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                if storage == torch.bfloat16 and shape == (2145,):
+                    continue  # bf16 storage needs whole pairs of bytes
+                w = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+                packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                                   quant_type="nf4", quant_storage=storage)
+                got = nf4._dequantize(packed, state, block=1024)
+                expected = bnbf.dequantize_4bit(packed, state)
+                diff = (got.float().reshape(-1) - expected.float().reshape(-1)).abs()
+                step = (expected.float().abs().reshape(-1) * 2.0 ** -7).clamp_min(2.0 ** -133)  # one bf16 step
+                results.append({"shape": list(shape), "blocksize": blocksize, "nested": nested,
+                                "storage": str(storage), "dtype": str(dtype),
+                                "equal": bool(torch.equal(got.reshape(-1), expected.reshape(-1))),
+                                "within_one_bf16_step": bool((diff <= step).all()),
+                                "shape_dtype": list(got.shape) == list(shape) and got.dtype == expected.dtype})
+print(json.dumps(results))
+"""
+
+
+def test_the_nf4_kernel_itself_on_triton_s_cpu_interpreter(tmp_path):
+    """The Triton kernel's own code (not the formula) on Triton's CPU interpreter, against bitsandbytes: bit for
+    bit for float32 and float16 outputs, with and without double quantization, uint8 and bf16 storage,
+    blocksizes 64 to 256, an odd number of values. For bf16 outputs the interpreter rounds by truncation (numpy
+    has no bf16), so within one bf16 step; on the GPU benchmarks/fused_check.py finds those bit for bit too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton  # noqa: F401 - a test dependency: the interpreter runs the kernel on the CPU
+
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_NF4], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * 2 * 2 * 3 - 2 * 3  # the odd count has no bf16 storage
+    for r in results:
+        assert r["shape_dtype"], r
+        if r["dtype"] == "torch.bfloat16":
+            assert r["within_one_bf16_step"], r
+        else:
+            assert r["equal"], r
+
+
 def test_nf4_formula_handles_an_odd_number_of_values():
     """An odd count leaves the last packed byte half used: the formula takes only the values the shape has."""
     import bitsandbytes.functional as bnbf
