@@ -24,6 +24,7 @@ warning).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 _KERNEL: Any = None
@@ -92,10 +93,7 @@ def _supported(weight, quant_state) -> bool:
 
     if not (weight.is_cuda and quant_state.quant_type == "nf4" and weight.is_contiguous()):
         return False
-    n = 1
-    for size in quant_state.shape:
-        n *= int(size)
-    if weight.numel() * weight.element_size() * 2 < n:  # fewer packed values than the shape says
+    if weight.numel() * weight.element_size() * 2 < math.prod(quant_state.shape):  # fewer packed values than the shape
         return False
     if weight.dim() == 2 and weight.shape[0] == 1:  # packed transposed: bitsandbytes returns ``out.t()``
         return False
@@ -112,9 +110,7 @@ def _supported(weight, quant_state) -> bool:
             return False
         tensors += [s2.code, s2.absmax, offset]
     # on the weight's GPU already (else each call would copy them there)
-    if any(t.device != device for t in tensors) or quant_state.code.dtype != torch.float32:
-        return False
-    return bool(_kernel())
+    return all(t.device == device for t in tensors) and quant_state.code.dtype == torch.float32
 
 
 def dequantize_nf4(weight, quant_state, block: int | None = None, warps: int | None = None):
@@ -133,14 +129,15 @@ def _dequantize(weight, quant_state, block: int | None = None, warps: int | None
     packed = weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight
     out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=weight.device)
     n = out.numel()
-    if quant_state.nested:
+    nested = quant_state.nested
+    if nested:
         s2 = quant_state.state2
         # the offset stays a tensor: reading it as a number would wait for the GPU at every call
-        args = (quant_state.absmax, s2.absmax, s2.code, quant_state.offset, s2.blocksize, True)
-    else:
-        absmax = quant_state.absmax.float()
-        args = (absmax, absmax, absmax, absmax, 1, False)
-    absmax, absmax2, code2, offset, blocksize2, nested = args
+        absmax, absmax2, code2, offset, blocksize2 = quant_state.absmax, s2.absmax, s2.code, quant_state.offset, \
+            s2.blocksize
+    else:  # the nested arguments are unused: any tensor will do
+        absmax = absmax2 = code2 = offset = quant_state.absmax.float()
+        blocksize2 = 1
     block, warps = block or BLOCK, warps or WARPS
     grid = ((n + block - 1) // block,)
     # Triton launches on the current device; bitsandbytes on the tensor's
@@ -167,9 +164,7 @@ def dequantize_nf4_reference(weight, quant_state):
 
     packed = (weight.view(torch.uint8) if weight.dtype != torch.uint8 else weight).reshape(-1).to(torch.int64)
     nibbles = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)
-    n = 1
-    for size in quant_state.shape:
-        n *= int(size)
+    n = math.prod(quant_state.shape)
     values = quant_state.code.float().to(weight.device)[nibbles[:n]]  # an odd count leaves the last nibble unused
     blocks = torch.arange(n, device=weight.device) // quant_state.blocksize
     if quant_state.nested:
