@@ -205,6 +205,10 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.auto_find_batch_size", "bool", False,
            "on running out of GPU memory, halve the micro-batch and double gradient accumulation, and go on"),
     Option("train.seed", "int", 42, "random seed for data order, adapters and dropout"),
+    Option("train.deterministic", "bool", False,
+           "repeat a run bit for bit on the same machine and versions: torch's deterministic algorithms (flash "
+           "attention's deterministic backward, a fixed cuBLAS workspace); an operation without one stops the "
+           "run with its name. Off: the GPU's attention backward adds in varying order"),
     Option("train.optim", "str", None,
            "optimizer plugin by name (paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw); default: "
            "paged_adamw_8bit",

@@ -22,6 +22,7 @@ from .config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, m
                      read_config_file, requested_plugins)
 from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
                    packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
+from .determinism import deterministic
 from .errors import UsageError
 from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from .types import DatasetFormat, FormattedExample, Run
@@ -407,6 +408,10 @@ class Job:
             config, output_dir, overwrite = run_config_file(resume), None, False
             self._resume_from = Path(resume)
         self.config, self.plugins = resolve(config, plugins, overrides)
+        if self.config["train.deterministic"]:
+            from .determinism import prepare_environment
+
+            prepare_environment()  # before anything starts cuBLAS
         self.device = pick_device()
         self.plugins.hook.qlora_configure(config=self.config, device=self.device)
         self.compute_dtype = compute_dtype_for(self.config, self.device)
@@ -716,7 +721,8 @@ class Job:
                 if flat is not None and self.fused_lora and cfg["train.adapter_compute_copy"] \
                         and self.compute_dtype != torch.float32:
                     flat.add_compute_copies(self.compute_dtype)
-                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
+                with deterministic(cfg["train.deterministic"]):
+                    result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
             except BaseException as e:
                 record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
                 raise
