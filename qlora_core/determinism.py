@@ -7,8 +7,8 @@ losses already differ in the fourth decimal, and at high learning rates the diff
 deterministic backward instead of cuDNN's, for one) and a fixed cuBLAS workspace. An operation that has no
 deterministic implementation stops the run with a one-line error naming it, instead of running
 non-reproducibly. The kernels outside torch (bitsandbytes', liger-kernel's, qlora's Triton NF4 kernel) needed
-no switch: with the option, two runs on an H200 gave bit-identical losses over 50 steps, dense and packed, at
-8% of the speed (docs/performance.md).
+no switch: with the option, two runs on an H200 gave bit-identical losses over 50 steps, dense and packed, for
+about 5% of the speed (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -40,10 +40,16 @@ def deterministic(enabled: bool) -> Iterator[None]:
     import torch
 
     prepare_environment()
+    import torch.utils.deterministic as det
+
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, det.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    # Deterministic mode also fills every new uninitialized tensor, in case something reads it before writing.
+    # Nothing in the training path does: on the H200 the losses were bit-identical with and without the fill,
+    # and the fill cost about 10% of the speed (docs/performance.md).
+    det.fill_uninitialized_memory = False
     try:
         yield
     except RuntimeError as e:
@@ -56,3 +62,4 @@ def deterministic(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+        det.fill_uninitialized_memory = before[4]

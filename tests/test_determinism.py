@@ -9,6 +9,7 @@ import json
 import os
 
 import torch
+import torch.utils.deterministic
 import yaml
 
 from qlora_core import cli
@@ -17,12 +18,14 @@ from qlora_core.trainer import Job
 
 RECORDING_CALLBACK = """
 import torch
+import torch.utils.deterministic
 from qlora_core import hookimpl
 
 @hookimpl
 def qlora_on_step_end(run, metrics):
     with open(run.output_dir / "deterministic.txt", "a") as f:
-        f.write(f"{torch.are_deterministic_algorithms_enabled()}\\n")
+        f.write(f"{torch.are_deterministic_algorithms_enabled()} "
+                f"{torch.utils.deterministic.fill_uninitialized_memory}\\n")
 """
 
 # max_unpool1d has no deterministic implementation (on the CPU as well): it stands for any such operation in
@@ -53,11 +56,14 @@ def test_the_loop_runs_with_deterministic_algorithms_and_restores_the_setting(ti
     job = Job(_config(tiny_config, True), plugins=[str(plugin)], output_dir=tmp_path / "on")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE  # set before anything starts cuBLAS
     job.run()
-    assert (tmp_path / "on" / "deterministic.txt").read_text().split() == ["True"] * 3
-    assert torch.are_deterministic_algorithms_enabled() is False  # the process's setting is given back
+    # Deterministic algorithms on; torch's filling of uninitialized memory off (nothing reads it, and it costs
+    # speed). Both given back to the process afterwards.
+    assert (tmp_path / "on" / "deterministic.txt").read_text().splitlines() == ["True False"] * 3
+    assert torch.are_deterministic_algorithms_enabled() is False
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
 
     Job(_config(tiny_config, False), plugins=[str(plugin)], output_dir=tmp_path / "off").run()
-    assert (tmp_path / "off" / "deterministic.txt").read_text().split() == ["False"] * 3
+    assert (tmp_path / "off" / "deterministic.txt").read_text().splitlines() == ["False True"] * 3
 
 
 def test_a_workspace_setting_the_user_exported_is_kept(tiny_config, tmp_path, monkeypatch):
