@@ -208,7 +208,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.deterministic", "bool", False,
            "repeat a run bit for bit on the same machine and versions: torch's deterministic algorithms (flash "
            "attention's deterministic backward, a fixed cuBLAS workspace); an operation without one stops the "
-           "run with its name. Off: the GPU's attention backward adds in varying order"),
+           "run with its name. Off: GPU runs differ slightly from one to the next"),
     Option("train.optim", "str", None,
            "optimizer plugin by name (paged_adamw_8bit, paged_adamw_32bit, adamw_8bit, adamw); default: "
            "paged_adamw_8bit",

@@ -1,9 +1,9 @@
 """``train.deterministic``: runs that repeat bit for bit on the same machine and versions.
 
-On a GPU neither the guide's recipe nor qlora's repeats a run exactly by default: attention's backward (cuDNN's
-or flash's split kernels) adds partial results in whatever order the GPU finishes them, so two runs' second
-losses already differ in the fourth decimal, and at high learning rates the difference grows
-(docs/performance.md). With the option on, torch uses its deterministic algorithms (flash attention's
+On a GPU neither the guide's recipe nor qlora's repeats a run exactly by default: some kernels' backward
+passes (cuDNN's attention among the likely ones) add partial results in whatever order the GPU finishes them,
+so two runs' second losses already differ in the fourth decimal, and at high learning rates the difference
+grows (docs/performance.md). With the option on, torch uses its deterministic algorithms (flash attention's
 deterministic backward instead of cuDNN's, for one) and a fixed cuBLAS workspace. An operation that has no
 deterministic implementation stops the run with a one-line error naming it, instead of running
 non-reproducibly. The kernels outside torch (bitsandbytes', liger-kernel's, qlora's Triton NF4 kernel) needed
