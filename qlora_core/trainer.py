@@ -22,7 +22,7 @@ from .config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, m
                      read_config_file, requested_plugins)
 from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
                    packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
-from .determinism import deterministic
+from .determinism import deterministic, prepare_environment
 from .errors import UsageError
 from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from .types import DatasetFormat, FormattedExample, Run
@@ -409,8 +409,6 @@ class Job:
             self._resume_from = Path(resume)
         self.config, self.plugins = resolve(config, plugins, overrides)
         if self.config["train.deterministic"]:
-            from .determinism import prepare_environment
-
             prepare_environment()  # before anything starts cuBLAS
         self.device = pick_device()
         self.plugins.hook.qlora_configure(config=self.config, device=self.device)
