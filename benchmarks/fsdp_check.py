@@ -151,7 +151,7 @@ def reload_and_generate(model_dir: Path, adapter: Path, random_weights: bool = F
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if random_weights:
-        from qlora_core.shapes import build_direct
+        from qlora_core.tools.shapes import build_direct
 
         base = build_direct(model_dir, "cuda:0", torch.bfloat16, seed=0)
     else:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from qlora_core.plan import plan
+    from qlora_core.tools.plan import plan
 
     out = args.out
     model_dir = out / "model"

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     args = parser.parse_args()
 
-    from qlora_core.trainer import Job
+    from qlora_core.loop.job import Job
 
     shutil.rmtree(args.out, ignore_errors=True)
     model_dir = build_random_model(args.tokenizer, args.out / "model")

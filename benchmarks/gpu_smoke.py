@@ -40,7 +40,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_core.trainer import Job
+    from qlora_core.loop.job import Job
 
     shutil.rmtree(args.out, ignore_errors=True)
     model_dir = build_random_model(args.tokenizer, args.out / "model")

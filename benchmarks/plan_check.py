@@ -6,9 +6,9 @@ output head becomes a bitsandbytes ``Linear4bit`` quantized from random bf16 wei
 at a time, and the rest (embeddings, norms, head) is drawn in bf16. Then the same pipeline as ``qlora run``:
 PEFT's ``prepare_model_for_kbit_training`` (fp32 upcast of the non-quantized weights), non-reentrant gradient
 checkpointing, LoRA on all linear layers but the head (PEFT), accelerate's bf16 autocast wrapper, paged AdamW
-8-bit (bitsandbytes), the trainer's loss (``qlora_core.trainer._token_loss_sum``) and gradient clipping; it runs a
+8-bit (bitsandbytes), the trainer's loss (``qlora_core.loop.job._token_loss_sum``) and gradient clipping; it runs a
 few steps on random token ids and prints one JSON object with the measured peak
-(``torch.cuda.max_memory_allocated``), the memory after loading, and ``qlora_core.plan.plan``'s estimate for the
+(``torch.cuda.max_memory_allocated``), the memory after loading, and ``qlora_core.tools.plan.plan``'s estimate for the
 same settings, with the ratio.
 
     python benchmarks/plan_check.py --shape llama3-8b --seq 2048 --batch 4 [--out FILE]
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_core.errors import UsageError
-from qlora_core.shapes import SHAPES, build_direct, write_config_folder  # noqa: F401 (re-exported)
-from qlora_core.shapes import shape_config as _shape_config
+from qlora_core.framework.errors import UsageError
+from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder  # noqa: F401 (re-exported)
+from qlora_core.tools.shapes import shape_config as _shape_config
 
 GIB = 2 ** 30
 
@@ -95,8 +95,8 @@ def prepare_like_qlora(model, r: int, lora_alpha: float, lora_dropout: float, ch
 
 
 def estimate(model_dir: Path, args) -> dict[str, Any]:
-    """``qlora_core.plan.plan``'s figures for the same settings."""
-    from qlora_core.plan import plan
+    """``qlora_core.tools.plan.plan``'s figures for the same settings."""
+    from qlora_core.tools.plan import plan
 
     overrides = [
         ("model.name_or_path", str(model_dir)), ("lora.r", args.r), ("lora.lora_alpha", 2.0 * args.r),
@@ -105,7 +105,7 @@ def estimate(model_dir: Path, args) -> dict[str, Any]:
         ("train.max_seq_length", args.seq), ("train.gradient_accumulation_steps", 1),
     ]
     plugins = [] if not args.no_checkpointing else ["no:gradient-checkpointing"]
-    from qlora_core.trainer import resolve
+    from qlora_core.loop.job import resolve
 
     config, plugin_set = resolve({}, plugins, overrides)
     result = plan(model_dir, config, gpus=1, plugins=plugin_set, loss="transformers" if args.loss == "hf" else "qlora")
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
     import torch
     from accelerate import Accelerator
 
-    from qlora_core.trainer import _token_loss_sum
+    from qlora_core.loop.job import _token_loss_sum
 
     cuda = device == "cuda"
     dtype = torch.bfloat16

@@ -7,7 +7,7 @@ Trains the embedded default job twice through ``Job(...).run()``, with the defau
 - LoRA: the same base unquantized (``--set quant.load_in_4bit=false``), the same adapters, optimizer,
   data order and seed;
 
-then evaluates both runs with :func:`qlora_core.evaluation.evaluate_run` on the same held-out set (the
+then evaluates both runs with :func:`qlora_core.tools.evaluation.evaluate_run` on the same held-out set (the
 embedded secret-rules task's test split, 64 questions never seen in training): eval loss per answer token,
 perplexity and greedy exact match, before and after training. Prints a table (or ``--json``) with both
 figures and the ratio QLoRA / LoRA; nothing is hard-coded: the script reports what it measures.
@@ -41,8 +41,8 @@ def log(message: str) -> None:
 
 
 def train_and_evaluate(name: str, out: Path, steps: int, seed: int) -> dict[str, Any]:
-    from qlora_core.evaluation import evaluate_run
-    from qlora_core.trainer import Job
+    from qlora_core.tools.evaluation import evaluate_run
+    from qlora_core.loop.job import Job
 
     label, extra = VARIANTS[name]
     # The default job's config; the display plugin off (its output would mix with the table), and no sample
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qlora_core.cli import quiet_third_party_noise
-    from qlora_core.errors import UsageError
-    from qlora_core.trainer import default_config_data
+    from qlora_core.framework.errors import UsageError
+    from qlora_core.loop.job import default_config_data
 
     quiet_third_party_noise()
     seed = args.seed if args.seed is not None else default_config_data()["train"]["seed"]

@@ -26,7 +26,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from qlora_core import hookimpl
-from qlora_core.types import FormattedExample
+from qlora_core.framework.types import FormattedExample
 
 HUMAN = "### Human:"
 ASSISTANT = "### Assistant:"

@@ -2,7 +2,7 @@
 base model, saved as a plain model folder under ``RUN_DIR/merged`` (with the tokenizer).
 
 ``AutoModelForCausalLM.from_pretrained("RUN_DIR/merged")`` loads it with no quantization config and no PEFT.
-The merge is the one ``qlora merge`` does (:func:`qlora_core.inference.merge_adapter`): the trained adapter
+The merge is the one ``qlora merge`` does (:func:`qlora_core.tools.inference.merge_adapter`): the trained adapter
 is written to a temporary folder, the base is loaded again in 4 bits exactly as trained, dequantized, the
 adapter merged into it; the trained model handed to exporters is not touched, so exporters after this one
 see it as it was. ``RUN_DIR/merged/qlora-merge.json`` records how close the merged model's logits are to
@@ -17,13 +17,13 @@ import shutil
 from pathlib import Path
 
 from qlora_core import hookimpl
-from qlora_core.checkpoint import save_adapter
+from qlora_core.loop.checkpoint import save_adapter
 
 
 @hookimpl
 def qlora_config_options():
-    from qlora_core.config import Option
-    from qlora_core.inference import MERGE_DTYPES
+    from qlora_core.framework.config import Option
+    from qlora_core.tools.inference import MERGE_DTYPES
 
     return [Option("merge.dtype", "str", "auto",
                    "dtype of the merged model (merged-export): auto = the run's compute dtype (float32 on a CPU)",
@@ -32,8 +32,8 @@ def qlora_config_options():
 
 @hookimpl
 def qlora_export(run, model, tokenizer, output_dir: Path) -> Path:
-    from qlora_core.inference import merge_adapter, resolve_dtype
-    from qlora_core.trainer import Job
+    from qlora_core.tools.inference import merge_adapter, resolve_dtype
+    from qlora_core.loop.job import Job
 
     output_dir = Path(output_dir)
     target = output_dir / "merged"

@@ -38,7 +38,7 @@ def qlora_prepare_model(model, config) -> None:
         return
     from peft import prepare_model_for_kbit_training
 
-    from qlora_core.inference import use_float32_kernels
+    from qlora_core.tools.inference import use_float32_kernels
 
     # bitsandbytes 0.50 repacks 4-bit weights on CPUs with AVX512-BF16 at the first eval-mode forward,
     # into a layout whose kernel has no autograd: training after an evaluation would then silently

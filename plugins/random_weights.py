@@ -1,5 +1,5 @@
 """Random weights: the base model built from its folder's ``config.json`` alone, with random weights, its
-linear layers quantized straight into 4 bits on the device (``qlora_core.shapes.build_direct``).
+linear layers quantized straight into 4 bits on the device (``qlora_core.tools.shapes.build_direct``).
 
 For measuring speed and memory of any architecture without downloading or storing its weights: a Llama-3-70B
 shape builds in seconds on the GPU, where its bf16 checkpoint (140 GB) would not fit the disk. The folder needs
@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_core import hookimpl
-from qlora_core.errors import UsageError
+from qlora_core.framework.errors import UsageError
 
 
 @hookimpl
 def qlora_load_base_model(name_or_path, kwargs, config):
-    from qlora_core.shapes import build_direct
+    from qlora_core.tools.shapes import build_direct
 
     folder = Path(name_or_path)
     if not (folder / "config.json").is_file():

@@ -1,3 +1,3 @@
-from .cli import entry
+from qlora_core.cli import entry
 
 entry()

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .config import Config, Option
-    from .types import DatasetFormat, Run
+    from qlora_core.framework.config import Config, Option
+    from qlora_core.framework.types import DatasetFormat, Run
 
 hookspec = pluggy.HookspecMarker("qlora")
 

@@ -168,7 +168,7 @@ def dense_weight(weight, dtype):
     if quant_state is None:
         return weight.to(dtype)
     if weight.is_cuda:
-        from . import nf4
+        from qlora_core import nf4
 
         if nf4.enabled:
             dense = nf4.dequantize_nf4(weight, quant_state)  # one kernel launch, the same bits

@@ -40,7 +40,7 @@ def _ops():
         return _OPS
     import torch
 
-    from .layers import dense_weight
+    from qlora_core.layers import dense_weight
 
     @torch.library.custom_op("qlora::lora_4bit", mutates_args=(),
                              schema="(Tensor x, Tensor xd, Tensor weight, Tensor? bias, Tensor lora_a, "
@@ -166,7 +166,7 @@ def fuse_lora_layers(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:
         return 0
-    from .layers import register_quant_weight
+    from qlora_core.layers import register_quant_weight
 
     count = 0
     for module in model.modules():

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from qlora_core.data import IGNORE_INDEX
+from qlora_core.loop.data import IGNORE_INDEX
 
 torch.set_num_threads(1)
 

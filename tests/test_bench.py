@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.bench import ABLATIONS, VARIANTS, compare, make_sequences, parse_variant
-from qlora_core.errors import UsageError
+from qlora_core.tools.bench import ABLATIONS, VARIANTS, compare, make_sequences, parse_variant
+from qlora_core.framework.errors import UsageError
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -130,8 +130,8 @@ def test_bad_arguments_are_one_error_line(tmp_path, args, named):
 
 
 def test_named_shapes_are_the_real_architectures():
-    from qlora_core.plan import plan
-    from qlora_core.shapes import SHAPES, write_config_folder
+    from qlora_core.tools.plan import plan
+    from qlora_core.tools.shapes import SHAPES, write_config_folder
 
     counts = {}
     for name in ("llama3-8b", "llama3-70b", "llama3-1b"):

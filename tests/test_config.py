@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from qlora_core import cli
-from qlora_core.config import CORE_OPTIONS, build_config
-from qlora_core.errors import ConfigError, UsageError
-from qlora_core.trainer import resolve
+from qlora_core.framework.config import CORE_OPTIONS, build_config
+from qlora_core.framework.errors import ConfigError, UsageError
+from qlora_core.loop.job import resolve
 
 
 def test_defaults_follow_the_guide_vocabulary():

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core import plugins as core_plugins
+from qlora_core.framework import plugins as core_plugins
 from qlora_core.cli import main
-from qlora_core.data import IGNORE_INDEX
-from qlora_core.errors import UsageError
-from qlora_core.trainer import Job, resolve
+from qlora_core.loop.data import IGNORE_INDEX
+from qlora_core.framework.errors import UsageError
+from qlora_core.loop.job import Job, resolve
 
 from conftest import labelled_runs
 

@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from qlora_core.errors import ConfigError, UsageError
-from qlora_core.trainer import Job, resolve
+from qlora_core.framework.errors import ConfigError, UsageError
+from qlora_core.loop.job import Job, resolve
 from qlora_plugins import cpu_offload
 
 

@@ -13,8 +13,8 @@ import torch.utils.deterministic
 import yaml
 
 from qlora_core import cli
-from qlora_core.determinism import CUBLAS_WORKSPACE
-from qlora_core.trainer import Job
+from qlora_core.loop.determinism import CUBLAS_WORKSPACE
+from qlora_core.loop.job import Job
 
 RECORDING_CALLBACK = """
 import torch

@@ -18,7 +18,7 @@ import pluggy
 import pytest
 
 from qlora_core import hookspecs
-from qlora_core.errors import UsageError
+from qlora_core.framework.errors import UsageError
 from qlora_plugins import embedded
 
 MODEL = "embedded:smollm2-135m-instruct"

@@ -1,4 +1,4 @@
-"""``qlora eval`` and :func:`qlora_core.evaluation.evaluate_run` on short runs of the tiny 4-bit Llama."""
+"""``qlora eval`` and :func:`qlora_core.tools.evaluation.evaluate_run` on short runs of the tiny 4-bit Llama."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from qlora_core import cli
-from qlora_core.errors import UsageError
-from qlora_core.evaluation import (evaluate_run, exact_match_default, generate_answers, load_run_model,
+from qlora_core.framework.errors import UsageError
+from qlora_core.tools.evaluation import (evaluate_run, exact_match_default, generate_answers, load_run_model,
                                    reference_answer)
-from qlora_core.trainer import Job
+from qlora_core.loop.job import Job
 
 from conftest import write_jsonl
 
@@ -156,7 +156,7 @@ def test_batched_generation_agrees_with_one_at_a_time(memorized_run, tmp_path, a
 
 
 def test_the_formatted_held_out_rows_are_the_ones_evaluated(tiny_model_dir, data_dir, tmp_path):
-    from qlora_core.data import tokenize_example
+    from qlora_core.loop.data import tokenize_example
 
     cfg = base_config(tiny_model_dir, data_dir / "train.jsonl")
     cfg["data"]["eval_fraction"] = 0.25

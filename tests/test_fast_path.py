@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_core.trainer import Job
+from qlora_core.loop.job import Job
 
 
 def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradients():
@@ -47,7 +47,7 @@ def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
 
 
 def _loss_and_grads(job, model, batch, fused=True):
-    from qlora_core.trainer import _token_loss_sum
+    from qlora_core.loop.job import _token_loss_sum
 
     model.zero_grad(set_to_none=True)
     loss, _ = _token_loss_sum(model, batch, fused)
@@ -59,7 +59,7 @@ def _loss_and_grads(job, model, batch, fused=True):
 def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config, tmp_path, dropout):
     """Same loss and LoRA gradients with every layer recomputed (qlora's own checkpointing, dropout replayed
     from the saved RNG state), with none recomputed, and with a budget's mix; the fused head+loss too."""
-    from qlora_core.data import collate
+    from qlora_core.loop.data import collate
     from qlora_core.layers import layer_policy, set_checkpointed_layers
 
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
@@ -95,9 +95,9 @@ def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config
 
 def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path):
     """Recomputed layers hold no activations between forward and backward: fewer saved tensors."""
-    from qlora_core.data import collate
+    from qlora_core.loop.data import collate
     from qlora_core.layers import set_checkpointed_layers
-    from qlora_core.trainer import _token_loss_sum
+    from qlora_core.loop.job import _token_loss_sum
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()
@@ -156,7 +156,7 @@ def _model_with_live_adapters(job):
     first four training examples as a batch."""
     import zlib
 
-    from qlora_core.data import collate
+    from qlora_core.loop.data import collate
 
     job.load_data()
     model = job.load_model()
@@ -318,7 +318,7 @@ def test_lean_recompute_is_refused_where_backward_reads_the_skipped_output(tiny_
     """A projection whose output backward does read (here o_proj: the attention output feeds the next norm)
     fails the first backward's check: the model keeps the full recomputation and the right gradients."""
     from qlora_core import layers
-    from qlora_core.data import collate
+    from qlora_core.loop.data import collate
     from qlora_core.layers import layer_policy, set_checkpointed_layers
 
     monkeypatch.setattr(layers, "OUTPUT_PROJECTIONS", ("o_proj",))
@@ -562,7 +562,7 @@ def test_a_kernel_that_fails_to_run_falls_back_to_bitsandbytes_with_a_warning(mo
 def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, monkeypatch, where):
     """The adapters' bf16 copies are removed however the run ends, before its loop or in it: a copy left on a
     parameter would be read, stale, by the next run's fused op even with the copies switched off."""
-    from qlora_core import trainer
+    from qlora_core.loop import job as trainer
 
     seen = []
 

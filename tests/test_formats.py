@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from qlora_core import hookspecs
-from qlora_core.data import choose_format, tokenize_example
-from qlora_core.errors import UsageError
-from qlora_core.types import DatasetFormat, FormattedExample
+from qlora_core.loop.data import choose_format, tokenize_example
+from qlora_core.framework.errors import UsageError
+from qlora_core.framework.types import DatasetFormat, FormattedExample
 from qlora_plugins import formats
 from qlora_plugins.formats import ALPACA_PROMPT_NO_INPUT
 

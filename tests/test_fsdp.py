@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from qlora_core import cli
-from qlora_core.commands.run import launch_command
-from qlora_core.errors import UsageError
-from qlora_core.trainer import Job
+from qlora_core.cli.commands.run import launch_command
+from qlora_core.framework.errors import UsageError
+from qlora_core.loop.job import Job
 
 from qlora_plugins import fsdp
 
@@ -209,7 +209,7 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
         "import torch\n"
         "torch.set_num_threads(1)\n"
         "from qlora_core import kernels\n"
-        "from qlora_core.trainer import Job\n"
+        "from qlora_core.loop.job import Job\n"
         "calls = []\n"
         "real = kernels.linear_cross_entropy_sum\n"
         "def spy(*a, **k):\n"

@@ -11,10 +11,11 @@ import shutil
 import pytest
 import torch
 
-from qlora_core import cli, inference
-from qlora_core.errors import UsageError
-from qlora_core.inference import use_float32_kernels
-from qlora_core.trainer import Job
+from qlora_core import cli
+from qlora_core.tools import inference
+from qlora_core.framework.errors import UsageError
+from qlora_core.tools.inference import use_float32_kernels
+from qlora_core.loop.job import Job
 
 from conftest import write_jsonl
 

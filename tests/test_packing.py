@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from qlora_core import cli, varlen
-from qlora_core import trainer as trainer_module
-from qlora_core.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
+from qlora_core.loop import job as trainer_module
+from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
-from qlora_core.errors import UsageError
-from qlora_core.trainer import Job, _model_inputs, _token_loss_sum, check_packed_attention
+from qlora_core.framework.errors import UsageError
+from qlora_core.loop.job import Job, _model_inputs, _token_loss_sum, check_packed_attention
 
 from conftest import write_jsonl
 
@@ -218,7 +218,7 @@ def test_qlora_run_with_packing_trains_counts_real_tokens_and_writes_an_adapter(
 
 
 def test_token_budget_batches_fill_rows_in_order():
-    from qlora_core.data import token_budget_batches
+    from qlora_core.loop.data import token_budget_batches
 
     examples = [TokenizedExample(list(range(n)), list(range(n))) for n in (5, 3, 4, 10, 2, 1)]
     groups = token_budget_batches(examples, 8)
@@ -230,7 +230,7 @@ def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config,
     """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens (in rows of
     up to max_seq_length): the step's short examples take fewer forward passes, and the step (same examples)
     trains the same."""
-    import qlora_core.trainer as trainer
+    import qlora_core.loop.job as trainer
 
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4,
@@ -312,7 +312,7 @@ def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_p
 def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model):
     """Under DDP/FSDP the loss runs inside the wrapper's forward (install_loss_forward): it must pass
     cu_seq_lens on, or the examples would attend to each other; a packed forward without them is an error."""
-    from qlora_core.trainer import install_loss_forward
+    from qlora_core.loop.job import install_loss_forward
 
     class Wrapper(torch.nn.Module):  # what DDP and FSDP look like to the trainer: the model as .module
         def __init__(self, module):

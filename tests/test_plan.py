@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_core.cli import main as cli_main
-from qlora_core.plan import (
+from qlora_core.tools.plan import (
     GIB,
     guidance_notes,
     guidance_warnings,
@@ -21,7 +21,7 @@ from qlora_core.plan import (
     recommend,
     short_float,
 )
-from qlora_core.trainer import resolve
+from qlora_core.loop.job import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,7 @@ def test_the_estimate_of_today_s_defaults_against_the_h200_measurements(tmp_path
     Llama-3-8B shape (seq 2048, batch 4) and 39.63 GiB at the Llama-3-70B shape (batch 1, with the fused LoRA
     function on). The per-layer model was derived for eager PEFT layers; compiled layers keep less, so the
     estimate errs high (safe for planning), by under 20%."""
-    from qlora_core.shapes import SHAPES
+    from qlora_core.tools.shapes import SHAPES
 
     for name, batch, measured in (("llama3-8b", 4, 7.42), ("llama3-70b", 1, 39.63)):
         folder = plan_check.write_config_folder(SHAPES[name], tmp_path / name)

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 
 from qlora_core import cli
-from qlora_core.errors import ConfigError, PluginError
-from qlora_core.plugins import DEFAULT_PLUGINS, entry_points, select_plugins
-from qlora_core.trainer import resolve
+from qlora_core.framework.errors import ConfigError, PluginError
+from qlora_core.framework.plugins import DEFAULT_PLUGINS, entry_points, select_plugins
+from qlora_core.loop.job import resolve
 
 SGD_PLUGIN = """
 import torch
@@ -157,7 +157,7 @@ def test_plugin_with_wrong_hook_arguments_is_reported_by_name(tmp_path):
 def test_plugin_config_options_are_validated(tmp_path):
     path = write_plugin(tmp_path, "opts", """
         from qlora_core import hookimpl
-        from qlora_core.config import Option
+        from qlora_core.framework.config import Option
 
         @hookimpl
         def qlora_config_options():

@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 from qlora_core import hookspecs
-from qlora_core.config import CORE_OPTIONS, build_config
-from qlora_core.types import Run
+from qlora_core.framework.config import CORE_OPTIONS, build_config
+from qlora_core.framework.types import Run
 from qlora_plugins import rich_progress as rp
 
 

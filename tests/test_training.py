@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from qlora_core import cli
-from qlora_core.errors import UsageError
-from qlora_core.inference import use_float32_kernels
-from qlora_core.trainer import Job
+from qlora_core.framework.errors import UsageError
+from qlora_core.tools.inference import use_float32_kernels
+from qlora_core.loop.job import Job
 
 from conftest import write_jsonl
 
@@ -301,7 +301,7 @@ def test_parameters_are_counted_at_their_original_size_in_4_bits(tiny_config, ti
 def test_a_job_runs_after_an_accelerator_of_another_precision_in_the_same_process(tiny_config, tmp_path):
     from accelerate import Accelerator
 
-    from qlora_core.trainer import _allow_new_mixed_precision
+    from qlora_core.loop.job import _allow_new_mixed_precision
 
     _allow_new_mixed_precision("bf16")
     Accelerator(cpu=True, mixed_precision="bf16")  # e.g. a bf16 job earlier in the same notebook
@@ -312,8 +312,8 @@ def test_a_job_runs_after_an_accelerator_of_another_precision_in_the_same_proces
 def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, tmp_path):
     import torch.nn.functional as F
 
-    from qlora_core.data import collate
-    from qlora_core.trainer import _plain_head_model, _token_loss_sum
+    from qlora_core.loop.data import collate
+    from qlora_core.loop.job import _plain_head_model, _token_loss_sum
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from qlora_core import hookimpl
-from qlora_core.types import FormattedExample
+from qlora_core.framework.types import FormattedExample
 from qlora_plugins.formats import ChatFormat
 
 __version__ = "0.1.0"

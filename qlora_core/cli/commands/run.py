@@ -53,8 +53,8 @@ def launch_command(args: argparse.Namespace, output: str | None) -> list[str]:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-    from ..trainer import Job
+    from qlora_core.framework.errors import UsageError
+    from qlora_core.loop.job import Job
 
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1 (got {args.nproc_per_node})")
@@ -70,8 +70,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-    from ..trainer import Job
+    from qlora_core.framework.errors import UsageError
+    from qlora_core.loop.job import Job
 
     if args.resume and args.output:
         raise UsageError("--resume writes into the run folder it continues; drop --output")

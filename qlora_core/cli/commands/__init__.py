@@ -4,5 +4,5 @@ A command module has ``HELP`` (one line), ``add_arguments(parser)`` and ``main(a
 nothing heavy at module level so that ``qlora --help`` stays fast.
 """
 
-#: Module names under ``qlora_core.commands``, in the order ``qlora --help`` lists them.
+#: Module names under ``qlora_core.cli.commands``, in the order ``qlora --help`` lists them.
 COMMANDS = ("run", "eval", "generate", "merge", "plan", "bench", "plugins")

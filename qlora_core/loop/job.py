@@ -17,15 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from . import __version__
-from .config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, merge_overrides, parse_overrides,
+from qlora_core import __version__
+from qlora_core.framework.config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, merge_overrides, parse_overrides,
                      read_config_file, requested_plugins)
-from .data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
+from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
                    packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
-from .determinism import deterministic, prepare_environment
-from .errors import UsageError
-from .plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
-from .types import DatasetFormat, FormattedExample, Run
+from qlora_core.loop.determinism import deterministic, prepare_environment
+from qlora_core.framework.errors import UsageError
+from qlora_core.framework.plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
+from qlora_core.framework.types import DatasetFormat, FormattedExample, Run
 
 if TYPE_CHECKING:
     import torch
@@ -223,7 +223,7 @@ def _packed_context(batch):
     """The varlen attention's packed-forward context for a batch that carries ``cu_seq_lens``."""
     if "cu_seq_lens" not in batch:
         return nullcontext()
-    from .varlen import packed_forward
+    from qlora_core.varlen import packed_forward
 
     return packed_forward()
 
@@ -272,7 +272,7 @@ def _answer_loss_sum(causal, inputs: dict[str, Any], labels, fused: bool):
     head = causal.get_output_embeddings()
     selected = hidden[:, :-1][keep]
     if fused and _fusable_head(head):
-        from .kernels import linear_cross_entropy_sum
+        from qlora_core.kernels import linear_cross_entropy_sum
 
         return linear_cross_entropy_sum(selected, head.weight, targets[keep])
     return F.cross_entropy(head(selected).float(), targets[keep], reduction="sum")
@@ -571,17 +571,17 @@ class Job:
         cuda = self.device == "cuda"
         fused = auto_on(cfg["train.fused_lora"], cuda)
         self.fused_lora = fused
-        from . import nf4
+        from qlora_core import nf4
 
         nf4.set_enabled(cfg["train.fast_dequant"])
         if fused:
-            from .lora_fused import fuse_lora_layers
+            from qlora_core.lora_fused import fuse_lora_layers
 
             fuse_lora_layers(self.model)
         # auto: compiled on CUDA, except around the fused LoRA op, where the layers measured faster without
         # (11,478 compiled against 11,831 tokens/s on the Llama-3-8B shape: docs/performance.md).
         if auto_on(cfg["train.compile"], cuda and not fused):
-            from .layers import compile_layers
+            from qlora_core.layers import compile_layers
 
             compile_layers(self.model)
         return self.model
@@ -618,7 +618,7 @@ class Job:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
-        from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint
+        from qlora_core.loop.checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint
 
         cfg = self.config
         mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
@@ -651,7 +651,7 @@ class Job:
         if cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
             # DDP keeps per-tensor gradient buckets of its own; a plugin's wrapper (fsdp) leaves the adapters
             # as they are, so they can be gathered like an unwrapped model's.
-            from .flat import FlatParams
+            from qlora_core.flat import FlatParams
 
             self._flat = FlatParams(params)
             params = self._flat.params
@@ -682,7 +682,7 @@ class Job:
                   model=model, tokenizer=self.tokenizer, accelerator=accelerator,
                   num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples))
         if self.num_parameters:
-            from .plan import guidance_warnings
+            from qlora_core.tools.plan import guidance_warnings
 
             for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
@@ -738,7 +738,7 @@ class Job:
     def _varlen_attention(self):
         if not self._varlen:
             return nullcontext()
-        from .varlen import attention_of
+        from qlora_core.varlen import attention_of
 
         return attention_of(self.model, longest=self.config["train.max_seq_length"])
 
@@ -747,7 +747,7 @@ class Job:
         cfg = self.config
         if not cfg["train.packing"]:
             return False
-        from .varlen import cuda_kernel_available, unsupported
+        from qlora_core.varlen import cuda_kernel_available, unsupported
 
         mode = cfg["train.packing_attention"]
         if mode == "rows":
@@ -834,7 +834,7 @@ class Job:
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
-        from .inference import generate
+        from qlora_core.tools.inference import generate
 
         model = model if model is not None else self.model
         return generate(model, self.tokenizer, prompt, max_new_tokens, add_special_tokens=add_special_tokens)
@@ -923,7 +923,7 @@ class Job:
     def _reserve_offload(self) -> None:
         """Tell the activation offload the largest micro-batch to expect (tokens), so its pinned CPU buffers are
         allocated once rather than regrown as ragged batches bring longer ones."""
-        from .layers import reserve_offload
+        from qlora_core.layers import reserve_offload
 
         cfg = self.config
         size = cfg["train.per_device_train_batch_size"]
@@ -932,7 +932,7 @@ class Job:
         reserve_offload(self.model, size * width)
 
     def _layer_notices(self, run: Run, model) -> None:
-        from .layers import layer_policy
+        from qlora_core.layers import layer_policy
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         if getattr(inner, "_qlora_liger", None) == "missing":
@@ -946,7 +946,7 @@ class Job:
         """Before the first step under ``train.gpu_memory_budget``: measure one recomputed layer's activations."""
         import torch
 
-        from .layers import layer_policy, layer_state
+        from qlora_core.layers import layer_policy, layer_state
 
         policy = layer_policy(model)
         if self.config["train.gpu_memory_budget"] <= 0 or device.type != "cuda" or not policy \
@@ -960,7 +960,7 @@ class Job:
         """After the first step: keep the activations of as many layers as ``train.gpu_memory_budget`` allows."""
         import torch
 
-        from .layers import layer_policy, layer_state, layers_within_budget, set_checkpointed_layers
+        from qlora_core.layers import layer_policy, layer_state, layers_within_budget, set_checkpointed_layers
 
         state, policy = layer_state(model), layer_policy(model)
         per_layer = state.layer_activation_bytes
@@ -976,7 +976,7 @@ class Job:
                              f"{policy.checkpointed - keep} of {policy.layers} layers now keep their activations")
 
     def _oom_message(self, run: Run, size: int) -> str:
-        from .checkpoint import latest_checkpoint
+        from qlora_core.loop.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(run.output_dir)
         kept = f"; the last checkpoint, {ckpt}, is kept (resume with qlora run --resume {run.output_dir})" \
@@ -990,7 +990,7 @@ class Job:
               rng: dict | None) -> RunResult:
         import torch
 
-        from .checkpoint import save_checkpoint, set_rng_state
+        from qlora_core.loop.checkpoint import save_checkpoint, set_rng_state
 
         cfg = self.config
         hook = self.hook

@@ -10,8 +10,8 @@ HELP = "measure the guide's recipe and qlora's trainer side by side (tokens/s, G
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench import VARIANTS
-    from ..shapes import SHAPES
+    from qlora_core.tools.bench import VARIANTS
+    from qlora_core.tools.shapes import SHAPES
 
     parser.add_argument("--shape", default="llama3-8b", metavar="NAME_OR_PATH",
                         help=f"{', '.join(SHAPES)}, or a config.json (or model folder) path; random weights, "
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..bench import ABLATIONS, bench, render
+    from qlora_core.tools.bench import ABLATIONS, bench, render
 
     def save(report) -> None:
         if args.out:

@@ -1,4 +1,4 @@
-"""The ``qlora`` command line: a thin layer over :mod:`qlora_core.trainer` and :mod:`qlora_core.plugins`.
+"""The ``qlora`` command line: a thin layer over :mod:`qlora_core.loop.job` and :mod:`qlora_core.framework.plugins`.
 
 User errors print one ``error:`` line on stderr and exit with code 2.
 """
@@ -11,9 +11,9 @@ import os
 import sys
 from typing import Sequence
 
-from . import __version__
-from .commands import COMMANDS
-from .errors import UsageError
+from qlora_core import __version__
+from qlora_core.cli.commands import COMMANDS
+from qlora_core.framework.errors import UsageError
 
 EXIT_USAGE = 2
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
-        module = importlib.import_module(f".commands.{name}", __package__)
+        module = importlib.import_module(f"qlora_core.cli.commands.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(handler=module.main)

@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import UsageError
+from qlora_core.framework.errors import UsageError
 
 #: cuBLAS's reproducible workspace setting (CUDA's documentation: ``:4096:8`` or ``:16:8``).
 CUBLAS_WORKSPACE = ":4096:8"

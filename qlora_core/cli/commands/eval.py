@@ -62,7 +62,7 @@ def print_table(result: dict, console=None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_run
+    from qlora_core.tools.evaluation import evaluate_run
 
     progress = None
     if sys.stderr.isatty():
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"qlora eval: {message}...", file=sys.stderr, flush=True)
 
     if args.max_samples is not None and args.max_samples != -1 and args.max_samples < 1:
-        from ..errors import UsageError
+        from qlora_core.framework.errors import UsageError
 
         raise UsageError(f"--max-samples must be a positive number of examples or -1 for all (got {args.max_samples})")
     result = evaluate_run(args.run_dir, data=args.data, split=args.split, max_samples=args.max_samples,

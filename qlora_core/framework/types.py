@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
-    from .config import Config
+    from qlora_core.framework.config import Config
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from qlora_core.framework.errors import UsageError
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .plugins import PluginSet
+    from qlora_core.framework.config import Config
+    from qlora_core.framework.plugins import PluginSet
 
 GIB = 2 ** 30
 
@@ -726,7 +726,7 @@ OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw-8bit": 
 
 def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,
               supports_checkpointing: bool) -> tuple[Settings, list[str]]:
-    from .config import auto_on
+    from qlora_core.framework.config import auto_on
 
     notes: list[str] = []
     names = plugins.names()
@@ -774,11 +774,11 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
          upcast: bool | None = None) -> Plan:
     """Plan a run of ``model_name_or_path`` (default: the config's ``model.name_or_path``) with ``config``.
 
-    :param config: a resolved :class:`~qlora_core.config.Config`, or what :func:`qlora_core.trainer.resolve`
+    :param config: a resolved :class:`~qlora_core.framework.config.Config`, or what :func:`qlora_core.loop.job.resolve`
         takes (a YAML path, a mapping, ``None`` for the embedded default job).
     :param gpus: GPUs the run is spread over with FSDP: the weights, LoRA weights, gradients and optimizer
         states are divided by it; the activations per GPU are not.
-    :param plugins: the run's :class:`~qlora_core.plugins.PluginSet` (or ``--plugin`` names when ``config``
+    :param plugins: the run's :class:`~qlora_core.framework.plugins.PluginSet` (or ``--plugin`` names when ``config``
         is not resolved yet); found with ``resolve()`` when not given.
     :param loss: ``"qlora"`` (the trainer's loss, 12 bytes per logit) or ``"transformers"`` (the model's own
         loss with its output kept through backward, 14 bytes per logit).
@@ -787,9 +787,9 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         plugin).
     :raises UsageError: the model's config cannot be read (unknown path or hub id offline, not a causal LM).
     """
-    from .config import Config
-    from .plugins import PluginSet
-    from .trainer import resolve
+    from qlora_core.framework.config import Config
+    from qlora_core.framework.plugins import PluginSet
+    from qlora_core.loop.job import resolve
 
     if gpus < 1:
         raise UsageError(f"--gpus must be at least 1 (got {gpus})")

@@ -8,7 +8,7 @@ HELP = "merge a finished run's adapter into its dequantized base model, saved as
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..inference import MERGE_DTYPES
+    from qlora_core.tools.inference import MERGE_DTYPES
 
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder `qlora run --output` wrote")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..inference import merge
+    from qlora_core.tools.inference import merge
 
     report = merge(args.run_dir, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model: {report.output_dir} ({report.dtype})")

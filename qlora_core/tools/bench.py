@@ -2,14 +2,14 @@
 
 One invocation measures every variant asked for, each in a fresh process (so one variant's memory, compiled
 code and allocator state cannot flatter or burden the next): the model of a real architecture's shape is built
-with random weights straight into 4 bits (:mod:`qlora_core.shapes`; no checkpoint, no download), then
+with random weights straight into 4 bits (:mod:`qlora_core.tools.shapes`; no checkpoint, no download), then
 
 * ``seed``: the QLoRA guide's code as written: ``gradient_checkpointing_enable()``,
   ``prepare_model_for_kbit_training``, ``LoraConfig(target_modules="all-linear")``, bitsandbytes' paged AdamW
   8-bit, bf16 autocast and the model's own loss (``labels=input_ids``), gradient clipping, in a plain loop;
 * ``seed-trainer``: the same model code trained by transformers' ``Trainer`` with the guide's
   ``TrainingArguments`` (the guide uses TRL's ``SFTTrainer``, a ``Trainer`` subclass);
-* ``qlora``: ``qlora run``'s own path (:class:`qlora_core.trainer.Job`, its plugins and loop) with its defaults;
+* ``qlora``: ``qlora run``'s own path (:class:`qlora_core.loop.job.Job`, its plugins and loop) with its defaults;
 * ablations: ``qlora`` with one lever changed (``--ablations`` runs them all; see :data:`VARIANTS`), or any
   ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
 
@@ -22,7 +22,7 @@ tokens/s, peak allocated and reserved GPU memory, weight memory after loading, f
 
     qlora bench --shape llama3-8b --seq 2048 --batch 4 --steps 10
     qlora bench --shape llama3-8b --ablations --json --out bench.json
-    python -m qlora_core.bench ...        # the same, as a script
+    python -m qlora_core.tools.bench ...        # the same, as a script
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UsageError
+from qlora_core.framework.errors import UsageError
 
 GIB = 2 ** 30
 
@@ -128,8 +128,8 @@ def make_sequences(n: int, seq: int, vocab: int, seed: int, min_len: int | None 
 
 
 def _padded(rows: list[list[int]], device: str) -> dict[str, Any]:
-    """A seed-recipe batch: the rows right-padded by :func:`qlora_core.data.collate`, every real token a label."""
-    from .data import TokenizedExample, collate
+    """A seed-recipe batch: the rows right-padded by :func:`qlora_core.loop.data.collate`, every real token a label."""
+    from qlora_core.loop.data import TokenizedExample, collate
 
     return {k: v.to(device) for k, v in collate([TokenizedExample(r, list(r)) for r in rows], 0).items()}
 
@@ -180,7 +180,7 @@ class _Profiler:
 
     @staticmethod
     def _hookimpl():
-        from . import hookimpl
+        from qlora_core import hookimpl
 
         class Plugin:
             @hookimpl
@@ -212,7 +212,7 @@ def _memory() -> dict[str, float | None]:
 def _build(args: dict[str, Any], model_dir: Path, device: str):
     import torch
 
-    from .shapes import build_direct
+    from qlora_core.tools.shapes import build_direct
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -241,7 +241,7 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
     import bitsandbytes as bnb
     import torch
 
-    from .trainer import epoch_order
+    from qlora_core.loop.job import epoch_order
 
     model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,7 +281,7 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from .trainer import epoch_order
+    from qlora_core.loop.job import epoch_order
 
     model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -344,8 +344,8 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     """qlora's trainer (``Job``) on the built model, with its plugins and loop, for ``steps`` steps."""
     import torch
 
-    from .data import TokenizedExample
-    from .trainer import Job
+    from qlora_core.loop.data import TokenizedExample
+    from qlora_core.loop.job import Job
 
     overrides: list[Any] = [
         ("model.name_or_path", str(model_dir)), ("lora.r", args["r"]), ("lora.lora_alpha", 2.0 * args["r"]),
@@ -374,7 +374,7 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     rows = [m for m in result.metrics if "loss" in m and "tokens_per_second" in m]
     steps = [{"loss": m["loss"], "seconds": m["tokens"] / m["tokens_per_second"], "tokens": m["tokens"]}
              for m in rows]
-    from .layers import layer_policy
+    from qlora_core.layers import layer_policy
 
     policy = layer_policy(job.model)
     memory = _memory()
@@ -445,7 +445,7 @@ def run_variant_process(name: str, spec: dict[str, Any], args: dict[str, Any], m
         result_file = Path(tmp) / "result.json"
         job.write_text(json.dumps({"name": name, "spec": spec, "args": args, "model_dir": str(model_dir)}))
         try:
-            proc = subprocess.run([sys.executable, "-m", "qlora_core.bench", "--worker", str(job), str(result_file)],
+            proc = subprocess.run([sys.executable, "-m", "qlora_core.tools.bench", "--worker", str(job), str(result_file)],
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"variant": name, "help": spec.get("help", ""), "error": f"took over {timeout:g} s"}
@@ -530,7 +530,7 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
     """
     import torch
 
-    from .shapes import shape_config, write_config_folder
+    from qlora_core.tools.shapes import shape_config, write_config_folder
 
     config = shape_config(shape)
     for label, value in (("--seq", seq), ("--batch", batch), ("--steps", steps), ("--r", r)):
@@ -565,7 +565,7 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
 
 
 def _worker_main(job_file: str, result_file: str) -> int:
-    from .cli import quiet_third_party_noise
+    from qlora_core.cli import quiet_third_party_noise
 
     try:  # Linux: die with the bench process, not hold the GPU after it was stopped
         import ctypes
@@ -587,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return _worker_main(argv[1], argv[2])
-    from .cli import main as cli_main
+    from qlora_core.cli import main as cli_main
 
     return cli_main(["bench", *argv])
 

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..plan import plan
-    from ..trainer import resolve
+    from qlora_core.tools.plan import plan
+    from qlora_core.loop.job import resolve
 
     overrides = list(args.overrides)
     if args.model:
@@ -54,7 +54,7 @@ def print_plan(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..plan import GIB, ROW_LABELS, human_count, short_float
+    from qlora_core.tools.plan import GIB, ROW_LABELS, human_count, short_float
 
     console = Console()
     shape, st, rec = result.shape, result.settings, result.recommendation

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError
+from qlora_core import hookspecs
+from qlora_core.framework.errors import PluginError
 
 ENTRY_POINT_GROUP = "qlora"
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from .errors import ConfigError, UsageError
+from qlora_core.framework.errors import ConfigError, UsageError
 
 _MISSING = object()
 

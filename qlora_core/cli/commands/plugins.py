@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..plugins import installed_plugins
+    from qlora_core.framework.plugins import installed_plugins
 
     rows = installed_plugins()
     if args.json:

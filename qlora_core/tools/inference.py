@@ -27,14 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from .data import choose_format, load_rows
-from .errors import UsageError
-from .types import DatasetFormat
+from qlora_core.loop.data import choose_format, load_rows
+from qlora_core.framework.errors import UsageError
+from qlora_core.framework.types import DatasetFormat
 
 if TYPE_CHECKING:
     import torch
 
-    from .trainer import Job
+    from qlora_core.loop.job import Job
 
 #: ``--dtype`` / ``merge.dtype`` values; ``auto`` is the run's compute dtype (float32 on a CPU).
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -61,7 +61,7 @@ def _run_status(run_dir: Path) -> dict[str, Any] | None:
 
 def _resume_hint(run_dir: Path) -> str:
     try:
-        from .checkpoint import latest_checkpoint
+        from qlora_core.loop.checkpoint import latest_checkpoint
     except ImportError:
         return ""
     try:
@@ -77,7 +77,7 @@ def check_finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder {str(run_dir)!r} does not exist; pass the folder `qlora run --output` wrote")
-    from .trainer import run_config_file
+    from qlora_core.loop.job import run_config_file
 
     run_config_file(run_dir)
     status = _run_status(run_dir)
@@ -186,13 +186,13 @@ def load_run_model(job: "Job", adapter_dir: str | Path) -> Any:
 def load_trained(run_dir: str | Path, overrides: Sequence[Any] = ()) -> tuple["Job", Any, Any, DatasetFormat]:
     """Load a finished run for inference.
 
-    :returns: ``(job, model, tokenizer, fmt)``: the run's rebuilt :class:`~qlora_core.trainer.Job`, its base
+    :returns: ``(job, model, tokenizer, fmt)``: the run's rebuilt :class:`~qlora_core.loop.job.Job`, its base
         model in 4 bits with the adapter (a ``PeftModel`` in eval mode), the tokenizer saved with the
         adapter, and the run's dataset format (``fmt.prompt(text, tokenizer)`` renders a question like the
         training data; :func:`format_prompt` also says how to tokenize it).
     :raises UsageError: when ``run_dir`` is not a finished run.
     """
-    from .trainer import Job
+    from qlora_core.loop.job import Job
 
     adapter_dir = check_finished_run(run_dir)
     job = Job.from_run(run_dir, overrides=overrides)
@@ -249,7 +249,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
         raise UsageError(f"--top-p must be in (0, 1] (got {top_p:g})")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    from .trainer import input_device
+    from qlora_core.loop.job import input_device
 
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(input_device(model))
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,
@@ -400,7 +400,7 @@ def _free() -> None:
 
 def check_merge_output(output_dir: str | Path, overwrite: bool, run_dir: str | Path | None = None) -> Path:
     """Refuse an output that is a file, a non-empty folder without ``overwrite``, or that holds the run."""
-    from .trainer import check_output_dir
+    from qlora_core.loop.job import check_output_dir
 
     out = Path(output_dir)
     if run_dir is not None:
@@ -434,7 +434,7 @@ def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, d
 
     adapter_dir = Path(adapter_dir)
     out = Path(output_dir)
-    from .trainer import check_output_dir
+    from qlora_core.loop.job import check_output_dir
 
     check_output_dir(out, overwrite)
     rows = peek_rows(job)
@@ -495,7 +495,7 @@ def merge(run_dir: str | Path, output_dir: str | Path, dtype: str = "auto", over
     :raises UsageError: when ``run_dir`` is not a finished run, or ``output_dir`` is not empty (without
         ``overwrite``) or would replace the run.
     """
-    from .trainer import Job
+    from qlora_core.loop.job import Job
 
     adapter_dir = check_finished_run(run_dir)
     check_merge_output(output_dir, overwrite, run_dir)

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-    from ..inference import format_prompt, generate, load_trained
+    from qlora_core.framework.errors import UsageError
+    from qlora_core.tools.inference import format_prompt, generate, load_trained
 
     if args.prompt is None and not args.interactive:
         raise UsageError("give a question with --prompt TEXT, or --interactive to read them from stdin")

@@ -17,9 +17,9 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import UsageError
-from .inference import check_finished_run, load_run_model
-from .types import FormattedExample
+from qlora_core.framework.errors import UsageError
+from qlora_core.tools.inference import check_finished_run, load_run_model
+from qlora_core.framework.types import FormattedExample
 
 #: The built-in default task; its answers are a function of the question, so exact match is on by default.
 DEFAULT_TASK = "embedded:secret-rules"
@@ -181,7 +181,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     """
     import torch
 
-    from .trainer import Job
+    from qlora_core.loop.job import Job
 
     run_dir = Path(run_dir)
     adapter_dir = check_finished_run(run_dir)
