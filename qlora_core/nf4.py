@@ -29,7 +29,7 @@ from typing import Any
 
 _KERNEL: Any = None
 #: Values per Triton program, and its warps: ``benchmarks/fused_check.py --check nf4`` sweeps them on the GPU.
-#: On the H200 (docs/bench/2026-11-28-s4-nf4-sweep.json) 2048 x 4 was among the fastest; so was a form reading
+#: On the H200 (docs/bench/2026-11-28-nf4-sweep.json) 2048 x 4 was among the fastest; so was a form reading
 #: each byte once and writing its two values with ``tl.interleave`` (not kept: no clear gain, twice the code).
 BLOCK, WARPS = 2048, 4
 #: Whether :func:`qlora_core.layers.dense_weight` uses this kernel (``train.fast_dequant``; the trainer sets it).
