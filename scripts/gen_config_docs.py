@@ -1,4 +1,4 @@
-"""Render the core config keys (``qlora_core.config.CORE_OPTIONS``) into docs/configuration.md.
+"""Render the core config keys (``qlora_core.framework.config.CORE_OPTIONS``) into docs/configuration.md.
 
 The tables go between the markers ``<!-- options:start -->`` and ``<!-- options:end -->``, and the embedded
 default job's config (``qlora_core/default_run.yaml``) between ``<!-- default-run:start -->`` and
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from qlora_core.config import CORE_OPTIONS, Option
+from qlora_core.framework.config import CORE_OPTIONS, Option
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "configuration.md"
