@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from qlora_core import hookimpl
-from qlora_core.loop.checkpoint import save_adapter
+from qlora_core import save_adapter
 
 
 @hookimpl

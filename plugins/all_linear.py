@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qlora_core import hookimpl
-from qlora_core.framework.errors import ConfigError
+from qlora_core import ConfigError
 
 
 def linear_module_names(model) -> list[str]:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 
 from qlora_core import hookimpl
-from qlora_core.framework.config import Option
-from qlora_core.framework.errors import UsageError
+from qlora_core import Option
+from qlora_core import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_core import hookimpl
-from qlora_core.framework.errors import UsageError
+from qlora_core import UsageError
 
 try:  # POSIX only; elsewhere concurrent first runs may convert twice (still safe: the rename is atomic)
     import fcntl

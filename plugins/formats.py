@@ -26,7 +26,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from qlora_core import hookimpl
-from qlora_core.framework.types import FormattedExample
+from qlora_core import ChatTemplateFormat, FormattedExample
 
 HUMAN = "### Human:"
 ASSISTANT = "### Assistant:"
@@ -127,35 +127,14 @@ class AlpacaFormat:
         return self._render_prompt(user_text, None)
 
 
-class ChatFormat:
-    """A ``messages`` list of ``{role, content}`` rendered with the tokenizer's chat template.
-
-    Each assistant message's span is what the template adds for it: the text between the conversation
-    before it rendered with the generation prompt and the conversation up to it rendered without,
-    trailing whitespace excluded (so the template's end-of-turn token is trained, the newline after it not).
-    """
+class ChatFormat(ChatTemplateFormat):
+    """A ``messages`` list of ``{role, content}`` rendered with the tokenizer's chat template (the rendering and
+    the answer spans: :class:`qlora_core.ChatTemplateFormat`)."""
 
     name = "chat"
     fields = ("messages",)
 
-    def matches(self, columns: Sequence[str]) -> bool:
-        return "messages" in set(columns)
-
-    @staticmethod
-    def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat_template, so the chat format cannot render messages; use a chat "
-                "model's tokenizer, set tokenizer.chat_template, or convert the data to the guanaco or alpaca format")
-        try:
-            out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja raises its own errors; the row number is added by the caller
-            raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from None
-        if not isinstance(out, str):
-            raise ValueError(f"the chat template returned {type(out).__name__}, not text")
-        return out
-
-    def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
+    def messages(self, example: Mapping[str, Any]) -> list[dict[str, Any]]:
         raw = example["messages"]
         if not isinstance(raw, (list, tuple)) or not raw:
             raise ValueError("field 'messages' must be a non-empty list of {role, content}")
@@ -164,28 +143,7 @@ class ChatFormat:
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
             messages.append(dict(m))
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("the conversation has no assistant message to train on")
-        full = self._render(tokenizer, messages, False)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self._render(tokenizer, messages[:i], True)
-            upto = full if i + 1 == len(messages) else self._render(tokenizer, messages[: i + 1], False)
-            if not upto.startswith(before) or not full.startswith(upto):
-                raise ValueError(
-                    "the chat template is not prefix-stable (rendering a conversation's first turns does not give "
-                    "the start of rendering all of it), so assistant turns cannot be located; use a template that "
-                    "renders earlier turns unchanged, or the guanaco/alpaca format")
-            start = len(before)
-            end = start + len(upto[start:].rstrip())
-            if end > start:
-                spans.append((start, end))
-        return FormattedExample(full, tuple(spans), add_special_tokens=False)
-
-    def prompt(self, user_text: str, tokenizer: Any) -> str:
-        return self._render(tokenizer, [{"role": "user", "content": user_text}], True)
+        return messages
 
 
 class FormatPlugin:

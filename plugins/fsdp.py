@@ -36,8 +36,8 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_core import hookimpl
-from qlora_core.framework.config import Option
-from qlora_core.framework.errors import UsageError
+from qlora_core import Option
+from qlora_core import UsageError
 
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 
@@ -60,7 +60,7 @@ def qlora_config_options():
 def wanted_quant_storage(config, device: str) -> str:
     """The packed 4-bit weights' storage dtype FSDP needs: the compute dtype, the dtype of the layers' other
     parameters."""
-    from qlora_core.loop.job import compute_dtype_for
+    from qlora_core import compute_dtype_for
 
     return str(compute_dtype_for(config, device)).replace("torch.", "")
 

@@ -15,7 +15,7 @@ from qlora_core import hookimpl
 
 @hookimpl
 def qlora_prepare_model(model, config) -> None:
-    from qlora_core.framework.config import auto_on
+    from qlora_core import auto_on
     from qlora_core.layers import checkpoint_layers
 
     if getattr(model.config, "use_cache", None):

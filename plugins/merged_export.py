@@ -17,13 +17,13 @@ import shutil
 from pathlib import Path
 
 from qlora_core import hookimpl
-from qlora_core.loop.checkpoint import save_adapter
+from qlora_core import save_adapter
 
 
 @hookimpl
 def qlora_config_options():
-    from qlora_core.framework.config import Option
-    from qlora_core.tools.inference import MERGE_DTYPES
+    from qlora_core import Option
+    from qlora_core import MERGE_DTYPES
 
     return [Option("merge.dtype", "str", "auto",
                    "dtype of the merged model (merged-export): auto = the run's compute dtype (float32 on a CPU)",
@@ -32,8 +32,8 @@ def qlora_config_options():
 
 @hookimpl
 def qlora_export(run, model, tokenizer, output_dir: Path) -> Path:
-    from qlora_core.tools.inference import merge_adapter, resolve_dtype
-    from qlora_core.loop.job import Job
+    from qlora_core import merge_adapter, resolve_dtype
+    from qlora_core import Job
 
     output_dir = Path(output_dir)
     target = output_dir / "merged"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_core import hookimpl
-from qlora_core.framework.errors import UsageError
+from qlora_core import UsageError
 
 
 @hookimpl

@@ -41,7 +41,7 @@ from qlora_core import hookimpl
 if TYPE_CHECKING:
     from rich.progress import Task
 
-    from qlora_core.framework.types import Run
+    from qlora_core import Run
 
 EXTRA_KEY = "rich-progress"
 

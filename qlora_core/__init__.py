@@ -1,5 +1,9 @@
 """qlora: QLoRA fine-tuning through plugins.
 
+This module is qlora's public API: everything a plugin, a contrib package or a user's script needs is a name
+here, listed in ``__all__`` and documented in ``docs/api.md``. Every other module of ``qlora_core`` is private
+and may change without notice.
+
 Plugins mark their hook implementations with :data:`hookimpl`::
 
     from qlora_core import hookimpl
@@ -7,6 +11,12 @@ Plugins mark their hook implementations with :data:`hookimpl`::
     @hookimpl
     def qlora_on_step_end(run, metrics):
         ...
+
+A run from Python::
+
+    from qlora_core import Job
+
+    result = Job("my.yaml", plugins=["adamw"], overrides=["lora.r=32"], output_dir="runs/x").run()
 """
 
 from __future__ import annotations
@@ -15,6 +25,36 @@ import pluggy
 
 __version__ = "0.1.0"
 
+#: Marks a function or method as the implementation of a hook of :mod:`qlora_core.hookspecs`
+#: (``@hookimpl``, ``@hookimpl(tryfirst=True)``, ``@hookimpl(trylast=True)``).
 hookimpl = pluggy.HookimplMarker("qlora")
 
-__all__ = ["__version__", "hookimpl"]
+from qlora_core.framework.config import Config, Option, auto_on  # noqa: E402
+from qlora_core.framework.errors import ConfigError, PluginError, UsageError  # noqa: E402
+from qlora_core.framework.formats import ChatTemplateFormat  # noqa: E402
+from qlora_core.framework.types import DatasetFormat, FormattedExample, Run, TrainControl  # noqa: E402
+from qlora_core.loop.checkpoint import save_adapter  # noqa: E402
+from qlora_core.loop.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed  # noqa: E402
+from qlora_core.loop.job import Job, RunResult, compute_dtype_for, model_inputs, resolve  # noqa: E402
+from qlora_core.tools.evaluation import evaluate_run  # noqa: E402
+from qlora_core.tools.inference import MERGE_DTYPES, generate, load_trained, merge, merge_adapter, resolve_dtype  # noqa: E402
+from qlora_core.tools.plan import PlanSettings, plan  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    # configuration
+    "Config", "Option", "auto_on",
+    # errors
+    "UsageError", "ConfigError", "PluginError",
+    # the run as plugins see it
+    "Run", "TrainControl",
+    # dataset formats and batches
+    "DatasetFormat", "FormattedExample", "ChatTemplateFormat", "TokenizedExample", "IGNORE_INDEX", "collate",
+    "collate_packed", "model_inputs",
+    # a run from Python
+    "Job", "RunResult", "resolve", "compute_dtype_for", "save_adapter",
+    # tools
+    "evaluate_run", "load_trained", "generate", "merge", "merge_adapter", "resolve_dtype", "MERGE_DTYPES", "plan",
+    "PlanSettings",
+]

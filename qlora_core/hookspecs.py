@@ -9,8 +9,8 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
 1. set-up: :func:`qlora_config_options`, :func:`qlora_configure`
 2. model name: :func:`qlora_resolve_model` (the tokenizer is loaded first, for the data)
 3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
-4. model: :func:`qlora_quantization_config`, :func:`qlora_model_load_kwargs`, :func:`qlora_prepare_model`,
-   :func:`qlora_adapter_targets`
+4. model: :func:`qlora_quantization_config`, :func:`qlora_model_load_kwargs`, :func:`qlora_load_base_model`,
+   :func:`qlora_model_loaded`, :func:`qlora_prepare_model`, :func:`qlora_adapter_targets`
 5. distribution and optimizer: :func:`qlora_distribute_model`, :func:`qlora_optimizer`
 6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
    :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
@@ -18,6 +18,7 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
    checkpoint, :func:`qlora_on_notice` for what the user should know, the sample after training
 7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
    :func:`qlora_on_train_end`
+8. tools: :func:`qlora_dequantize_model` (``qlora merge`` and the ``merged-export`` plugin)
 
 Five concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
 (:func:`qlora_adapter_targets`), distribution (:func:`qlora_distribute_model`), optimizer
@@ -132,6 +133,19 @@ def qlora_model_load_kwargs(kwargs: "dict[str, Any]", config: "Config") -> None:
     :param kwargs: the arguments: ``dtype``, ``device_map``, ``revision``, ``trust_remote_code`` and the
         quantization plugin's (usually ``quantization_config``).
     :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_model_loaded(model: "torch.nn.Module", config: "Config", for_training: bool) -> None:
+    """The base model was loaded (for training, or for evaluation, generation and merging). Modify it in place.
+
+    :param model: the loaded base model, quantized as the quant strategy asked.
+    :param config: the config.
+    :param for_training: True when the run will train it (:func:`qlora_prepare_model` follows).
     :returns: nothing.
 
     Every plugin's implementation is called.
@@ -349,4 +363,21 @@ def qlora_export(run: "Run", model: "torch.nn.Module", tokenizer: Any, output_di
     :returns: the folder written, or ``None``.
 
     Every plugin's implementation is called.
+    """
+
+
+# --------------------------------------------------------------------------- tools
+
+
+@hookspec(firstresult=True)
+def qlora_dequantize_model(model: "torch.nn.Module", dtype: "torch.dtype") -> "torch.nn.Module | None":
+    """Turn a quantized base model into a plain one, for ``qlora merge`` and the ``merged-export`` plugin.
+
+    :param model: the base model as the quant strategy loaded it.
+    :param dtype: the dtype of the plain weights.
+    :returns: the model with every quantized layer replaced by a plain ``nn.Linear`` holding the weights the
+        quantized forward computes with (in place or a new model), or ``None`` when this plugin did not
+        quantize it.
+
+    The first non-None result wins (a quant strategy implements it for its own layers).
     """

@@ -14,7 +14,7 @@ import torch
 from qlora_core import cli
 from qlora_core.tools import inference
 from qlora_core.framework.errors import UsageError
-from qlora_core.tools.inference import use_float32_kernels
+from qlora_plugins.nf4 import dequantize_4bit_model, use_float32_kernels
 from qlora_core.loop.job import Job
 
 from conftest import write_jsonl
@@ -197,7 +197,7 @@ def test_qlora_generate_mistakes_are_one_error_line(run_dir, tmp_path, capsys):
 
 
 def test_dequantize_gives_the_weights_transformers_own_dequantize_gives(tiny_model_dir):
-    mine = inference.dequantize_4bit_model(plain_base_4bit(tiny_model_dir), torch.float32)
+    mine = dequantize_4bit_model(plain_base_4bit(tiny_model_dir), torch.float32)
     theirs = plain_base_4bit(tiny_model_dir).dequantize(dtype=torch.float32)
     assert_plain_model(mine)
     ours, ref = mine.state_dict(), theirs.state_dict()

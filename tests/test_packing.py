@@ -15,7 +15,7 @@ from qlora_core.loop import job as trainer_module
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
 from qlora_core.framework.errors import UsageError
-from qlora_core.loop.job import Job, _model_inputs, _token_loss_sum, check_packed_attention
+from qlora_core.loop.job import Job, model_inputs, _token_loss_sum, check_packed_attention
 
 from conftest import write_jsonl
 
@@ -49,7 +49,7 @@ def test_packed_forward_gives_each_example_the_logits_it_has_alone(attn, row_tok
     examples = ragged_examples(200)  # 5, 17, 9, 30 tokens: with rows of 32, [30] [5 17 9] and a filler of 1
     batch = collate_packed(examples, row_tokens)
     with torch.no_grad():
-        logits = model(**_model_inputs(batch)).logits
+        logits = model(**model_inputs(batch)).logits
     rows = [list(examples)] if row_tokens is None else pack_rows(examples, row_tokens)
     assert logits.shape[0] == len(rows) == (1 if row_tokens is None else 2)
     for r, row in enumerate(rows):
@@ -174,7 +174,7 @@ def test_an_attention_that_takes_the_bounds_from_positions_only_passes_the_packi
     model = tiny_llama("qlora_test_varlen")
     examples = ragged_examples(200)
     with torch.no_grad():
-        packed = model(**_model_inputs(collate_packed(examples))).logits[0]
+        packed = model(**model_inputs(collate_packed(examples))).logits[0]
         alone = model(input_ids=torch.tensor([examples[1].input_ids])).logits[0]
     start = len(examples[0].input_ids)
     torch.testing.assert_close(packed[start:start + len(examples[1].input_ids)], alone, atol=1e-5, rtol=1e-5)
@@ -274,7 +274,7 @@ def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
     assert batch["input_ids"].shape == (1, 61) and batch["cu_seq_lens"].tolist() == [0, 5, 22, 31, 61]
     assert "attention_mask" not in batch and int(batch["real_token_count"]) == 61
     with torch.no_grad(), varlen.packed_forward():
-        logits = model(**_model_inputs(batch)).logits[0]
+        logits = model(**model_inputs(batch)).logits[0]
     start = 0
     for x in examples:
         with torch.no_grad():
@@ -335,7 +335,7 @@ def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model
             assert float(wrapped) == pytest.approx(float(pad_loss), rel=1e-5)
             dropped = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
             with varlen.packed_forward(), pytest.raises(RuntimeError, match="without cu_seq_lens_q"):
-                model(**_model_inputs(dropped))
+                model(**model_inputs(dropped))
         finally:
             varlen.restore(model, before)
 

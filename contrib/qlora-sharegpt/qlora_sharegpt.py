@@ -17,11 +17,9 @@ default formats, so the data must be ShareGPT.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from qlora_core import hookimpl
-from qlora_core.framework.types import FormattedExample
-from qlora_plugins.formats import ChatFormat
+from qlora_core import ChatTemplateFormat, hookimpl
 
 __version__ = "0.1.0"
 
@@ -59,25 +57,15 @@ def to_messages(conversations: Any) -> list[dict[str, str]]:
     return messages
 
 
-class ShareGPTFormat:
-    """ShareGPT ``conversations`` rendered with the tokenizer's chat template; the gpt turns are trained."""
+class ShareGPTFormat(ChatTemplateFormat):
+    """ShareGPT ``conversations`` rendered with the tokenizer's chat template; the gpt turns are trained
+    (rendering and answer spans: :class:`qlora_core.ChatTemplateFormat`)."""
 
     name = "sharegpt"
     fields = ("conversations",)
 
-    def __init__(self) -> None:
-        self._chat = ChatFormat()
-
-    def matches(self, columns: Sequence[str]) -> bool:
-        return "conversations" in set(columns)
-
-    def format(self, example: Mapping[str, Any], tokenizer: Any) -> FormattedExample:
-        messages = to_messages(example["conversations"])
-        # The chat format locates each assistant turn in the template's output; reuse it as it is.
-        return self._chat.format({"messages": messages}, tokenizer)
-
-    def prompt(self, user_text: str, tokenizer: Any) -> str:
-        return self._chat.prompt(user_text, tokenizer)
+    def messages(self, example: Mapping[str, Any]) -> list[dict[str, str]]:
+        return to_messages(example["conversations"])
 
 
 SHAREGPT = ShareGPTFormat()

@@ -58,6 +58,24 @@ class DatasetFormat(Protocol):
 
 
 @dataclass
+class TrainControl:
+    """What callbacks ask of the training loop, as transformers' ``TrainerControl``: set a flag during a step
+    (in :func:`~qlora_core.hookspecs.qlora_on_step_end`, :func:`~qlora_core.hookspecs.qlora_on_log`, ...) and
+    the loop acts on it at the end of that step, then clears it.
+
+    :ivar should_stop: stop after this step: a checkpoint is written (unless ``train.save_strategy`` is
+        ``no``), the evaluation after training, the export and :func:`~qlora_core.hookspecs.qlora_on_train_end`
+        follow as at the end of a run, and the summary says which step it stopped at.
+    :ivar should_save: write a checkpoint after this step, whatever ``train.save_strategy`` says.
+    :ivar should_evaluate: evaluate on the held-out data after this step.
+    """
+
+    should_stop: bool = False
+    should_save: bool = False
+    should_evaluate: bool = False
+
+
+@dataclass
 class Run:
     """The state of a run, handed to callbacks and exporters.
 
@@ -72,6 +90,9 @@ class Run:
     :ivar tokenizer: the tokenizer.
     :ivar accelerator: the ``accelerate.Accelerator`` driving the run.
     :ivar num_train_examples / num_eval_examples: examples after formatting and tokenization.
+    :ivar max_micro_batch_tokens: the most tokens one micro-batch holds (batch x sequence), for plugins that
+        size buffers once.
+    :ivar control: the :class:`TrainControl` through which callbacks ask the loop to stop, save or evaluate.
     :ivar extra: free space for plugins to share state, keyed by plugin name.
     """
 
@@ -87,4 +108,13 @@ class Run:
     accelerator: Any = None
     num_train_examples: int = 0
     num_eval_examples: int = 0
+    max_micro_batch_tokens: int = 0
+    control: TrainControl = field(default_factory=TrainControl)
     extra: dict[str, Any] = field(default_factory=dict)
+    notify: Any = field(default=None, repr=False)
+
+    def notice(self, message: str) -> None:
+        """Tell the user something that is not an error (one line): every plugin's
+        :func:`~qlora_core.hookspecs.qlora_on_notice` receives it, on this process."""
+        if self.notify is not None:
+            self.notify(run=self, message=message)

@@ -205,7 +205,7 @@ def _plain_head_model(model) -> Any:
     return inner
 
 
-def _model_inputs(batch) -> dict[str, Any]:
+def model_inputs(batch) -> dict[str, Any]:
     """The model's keyword arguments for a micro-batch made by ``collate`` (padded) or ``collate_packed``.
 
     No cache: training never reuses one, and with one transformers does not look for packed sequences in
@@ -243,13 +243,13 @@ def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, in
     causal = _plain_head_model(model)
     with _packed_context(batch):
         if causal is not None:
-            loss = _answer_loss_sum(causal, _model_inputs(batch), batch["labels"], fused)
+            loss = _answer_loss_sum(causal, model_inputs(batch), batch["labels"], fused)
         elif fused and _loss_forward_installed(model):
             # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
             # inside it, with the fused head, and the logits are never made.
-            loss = model(**_model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
+            loss = model(**model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
         else:
-            logits = model(**_model_inputs(batch)).logits
+            logits = model(**model_inputs(batch)).logits
             loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
 
@@ -302,7 +302,7 @@ def install_loss_forward(model) -> bool:
             return original(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        # Everything the trainer passed (_model_inputs: ids, masks, positions, varlen bounds) goes to the decoder.
+        # Everything the trainer passed (model_inputs: ids, masks, positions, varlen bounds) goes to the decoder.
         labels = kwargs.pop("labels")
         return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(kwargs, use_cache=False), labels,
                                                            fused=True))
@@ -357,7 +357,7 @@ def packed_attention_errors(model, varlen: bool = False) -> tuple[float, float]:
             out = []
             for b in (alone, packed, crossed):
                 with _packed_context(b):
-                    logits = model(**_model_inputs({k: v.to(device) for k, v in b.items()})).logits
+                    logits = model(**model_inputs({k: v.to(device) for k, v in b.items()})).logits
                 out.append(logits[0, -len(probe):].float())
     except TypeError as e:
         raise UsageError(f"train.packing: the model does not take packed inputs (position_ids): {e}") from None
@@ -543,6 +543,7 @@ class Job:
         except OSError as e:
             raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
                              f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
+        self.hook.qlora_model_loaded(model=model, config=cfg, for_training=for_training)
         if for_training:
             self.hook.qlora_prepare_model(model=model, config=cfg)
         return model
@@ -561,6 +562,7 @@ class Job:
             model = self.load_base_model(for_training=True)
         else:
             model = base
+            self.hook.qlora_model_loaded(model=model, config=cfg, for_training=True)
             self.hook.qlora_prepare_model(model=model, config=cfg)
         self.num_parameters = parameter_count(model)
         targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]

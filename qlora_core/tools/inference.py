@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from qlora_core.loop.data import choose_format, load_rows
 from qlora_core.framework.errors import UsageError
+from qlora_core.framework.formats import ChatTemplateFormat
 from qlora_core.framework.types import DatasetFormat
 
 if TYPE_CHECKING:
@@ -104,13 +105,16 @@ def peek_rows(job: "Job", n: int = 2) -> list[dict[str, Any]] | None:
 
 
 def _fallback_format(formats: Sequence[DatasetFormat], tokenizer: Any) -> DatasetFormat:
+    """The format to prompt in when the training data cannot be read: the run's ``chat`` format (the core's chat
+    template rendering if no plugin offers one) when the tokenizer has a chat template, else its ``guanaco``."""
     name = "chat" if getattr(tokenizer, "chat_template", None) else "guanaco"
     for f in formats:
         if f.name == name:
             return f
-    from qlora_plugins.formats import ChatFormat, GuanacoFormat
-
-    return ChatFormat() if name == "chat" else GuanacoFormat()
+    if name == "chat":
+        return ChatTemplateFormat()
+    raise UsageError("the run's training data cannot be read to tell its format, the tokenizer has no chat "
+                     "template and no guanaco format is active; set data.format")
 
 
 def run_format(job: "Job", tokenizer: Any, rows: list[dict[str, Any]] | None = None) -> DatasetFormat:
@@ -153,31 +157,13 @@ def _load_tokenizer(job: "Job", adapter_dir: Path) -> Any:
     return job.load_tokenizer(adapter_dir if saved else None)
 
 
-def use_float32_kernels(model: Any) -> None:
-    """Keep bitsandbytes' float32 4-bit kernel on CPUs with AVX512-BF16: in eval mode bitsandbytes would
-    otherwise repack the weights for a bf16 kernel (less exact, and a layout that cannot be dequantized
-    exactly). The run trained and evaluated through the float32 kernel (see plugins/nf4.py)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 def load_run_model(job: "Job", adapter_dir: str | Path) -> Any:
     """The run's base model, loaded as for its training (quantized by the quant plugin), in the numerics its
     evaluations ran in, with the adapter from ``adapter_dir`` on top (PEFT, not trainable), in eval mode."""
-    import torch
     from peft import PeftModel
 
+    # The quant plugin puts the base in the numerics the run's evaluations ran in (qlora_model_loaded).
     base = job.load_base_model(for_training=False)
-    # The trainer's model runs bitsandbytes' float32 kernel (plugins/nf4.py); so must this one, or its
-    # figures would not match the run's.
-    use_float32_kernels(base)
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        # As PEFT's k-bit preparation did for training: the parameters that are not quantized (norms,
-        # embeddings, head) in float32. A no-op when the compute dtype is float32 (CPU).
-        for param in base.parameters():
-            if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
-                param.data = param.data.to(torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model
@@ -274,54 +260,12 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
 # --------------------------------------------------------------------------- dequantize and merge
 
 
-def dequantize_4bit_model(model: Any, dtype: "torch.dtype") -> Any:
-    """Replace every bitsandbytes ``Linear4bit`` of ``model`` by an ``nn.Linear`` in ``dtype`` holding the
-    weights the 4-bit layer computes with (``bitsandbytes.functional.dequantize_4bit``), cast the rest of the
-    model to ``dtype``, and drop the model's quantization settings, so it saves and loads as a plain model.
-    In place; returns ``model``."""
-    import bitsandbytes as bnb
-    import torch
-    from bitsandbytes.functional import dequantize_4bit
-
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        weight = module.weight
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # Repacked for the AVX512-BF16 kernel by an eval-mode forward: undo it (bitsandbytes' own inverse;
-            # the scales went through bf16). qlora's loaders keep the float32 kernel, so this is a fallback.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-            weight.data, weight.quant_state = data, state
-        dense = dequantize_4bit(data, state).to(dtype)
-        with torch.device("meta"):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight = torch.nn.Parameter(dense, requires_grad=False)
-        if module.bias is not None:
-            linear.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None:
-            from accelerate.hooks import add_hook_to_module, remove_hook_from_module
-
-            remove_hook_from_module(module)
-            add_hook_to_module(linear, hook)
-        model.set_submodule(name, linear)
-    # What transformers' quantizer.remove_quantization_config does, plus the 4-bit flag.
-    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, None)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
-    model.is_loaded_in_4bit = False
-    model.is_loaded_in_8bit = False
-    model.to(dtype)
-    return model
+def dequantize_model(job: "Job", model: Any, dtype: "torch.dtype") -> Any:
+    """The base model as a plain one in ``dtype``: the quant plugin replaces its quantized layers by plain
+    linear layers holding the weights they compute with (:func:`~qlora_core.hookspecs.qlora_dequantize_model`);
+    an unquantized model is only cast."""
+    plain = job.hook.qlora_dequantize_model(model=model, dtype=dtype)
+    return plain if plain is not None else model.to(dtype)
 
 
 def resolve_dtype(name: str, job: "Job") -> "torch.dtype":
@@ -419,7 +363,7 @@ def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, d
     """Merge the adapter in ``adapter_dir`` into ``job``'s dequantized base and save a plain model folder.
 
     1. base-4bit + adapter, loaded as the run trained it, gives the reference logits;
-    2. the base is loaded in 4 bits again, dequantized to ``dtype`` (:func:`dequantize_4bit_model`), the adapter
+    2. the base is loaded in 4 bits again, dequantized to ``dtype`` (:func:`dequantize_model`), the adapter
        loaded onto it and merged (``merge_and_unload``);
     3. the merged model and the tokenizer are saved into a temporary folder next to ``output_dir``;
     4. the merged model is reloaded from there in ``dtype`` and its logits compared with the reference;
@@ -449,9 +393,7 @@ def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, d
     del reference
     _free()
 
-    base = job.load_base_model(for_training=False)
-    use_float32_kernels(base)
-    dequantize_4bit_model(base, dtype)
+    base = dequantize_model(job, job.load_base_model(for_training=False), dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.eval()
 

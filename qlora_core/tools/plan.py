@@ -525,7 +525,7 @@ class MemoryEstimate:
 
 
 @dataclass
-class Settings:
+class PlanSettings:
     """The run settings the estimate uses (from the config and the plugins)."""
 
     r: int
@@ -553,7 +553,7 @@ class Settings:
     adapter_copy: bool = False  # the adapters' compute-dtype copy for the fused op (train.adapter_compute_copy)
 
 
-def layer_bytes_per_token(shape: ModelShape, settings: Settings, targets: str | Sequence[str]) -> float:
+def layer_bytes_per_token(shape: ModelShape, settings: PlanSettings, targets: str | Sequence[str]) -> float:
     """``P_layer``: bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, i = shape.hidden_size, shape.intermediate_size
     a = 4 if settings.compute_dtype == "float32" else 2
@@ -595,7 +595,7 @@ def _layer_as_shape(shape: ModelShape) -> ModelShape:
     return view
 
 
-def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequence[str], checkpointing: bool,
+def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Sequence[str], checkpointing: bool,
                     trainable: int) -> MemoryEstimate:
     """The memory model of the module docstring for one setting of gradient checkpointing."""
     n = max(1, settings.gpus)
@@ -665,7 +665,7 @@ def estimate_memory(shape: ModelShape, settings: Settings, targets: str | Sequen
     )
 
 
-def _layer_quantizable(shape: ModelShape, settings: Settings) -> int:
+def _layer_quantizable(shape: ModelShape, settings: PlanSettings) -> int:
     if not settings.load_in_4bit:
         return 0
     return sum(i * o for _, i, o in shape.layer_linears)
@@ -682,7 +682,7 @@ class Plan:
     model: str
     path: str
     shape: ModelShape
-    settings: Settings
+    settings: PlanSettings
     lora_targets: list[str]
     lora_modules: int
     trainable_params: int
@@ -725,7 +725,7 @@ OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw-8bit": 
 
 
 def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,
-              supports_checkpointing: bool) -> tuple[Settings, list[str]]:
+              supports_checkpointing: bool) -> tuple[PlanSettings, list[str]]:
     from qlora_core.framework.config import auto_on
 
     notes: list[str] = []
@@ -749,7 +749,7 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
     compute = config["quant.bnb_4bit_compute_dtype"]
     if compute == "auto":
         compute = "bfloat16"  # what auto picks on a GPU with bf16 (every GPU this plans for: Ampere and later)
-    return Settings(
+    return PlanSettings(
         r=config["lora.r"], lora_alpha=config["lora.lora_alpha"], learning_rate=config["train.learning_rate"],
         lora_dropout=config["lora.lora_dropout"], target_modules=config["lora.target_modules"],
         lora_bias=config["lora.bias"], batch=config["train.per_device_train_batch_size"],
