@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from qlora_core.framework.config import Config
 
+#: The label of a token the loss does not cover (the prompt, padding, filler): PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -87,6 +88,12 @@ def _check_fields(fmt: DatasetFormat, columns: Sequence[str]) -> DatasetFormat:
 
 @dataclass(frozen=True)
 class TokenizedExample:
+    """One training example as token ids, with the labels the loss compares the model's predictions to.
+
+    :ivar input_ids: the tokens the model sees.
+    :ivar labels: the same tokens where the loss covers them (the answers), :data:`IGNORE_INDEX` elsewhere.
+    """
+
     input_ids: list[int]
     labels: list[int]
 
