@@ -299,14 +299,22 @@ def test_parameters_are_counted_at_their_original_size_in_4_bits(tiny_config, ti
 
 
 def test_a_job_runs_after_an_accelerator_of_another_precision_in_the_same_process(tiny_config, tmp_path):
-    from accelerate import Accelerator
+    """A float32 job after a bf16 Accelerator (a notebook's earlier work) in one fresh process."""
+    import subprocess
+    import sys
 
-    from qlora_core.loop.job import _allow_new_mixed_precision
-
-    _allow_new_mixed_precision("bf16")
-    Accelerator(cpu=True, mixed_precision="bf16")  # e.g. a bf16 job earlier in the same notebook
-    result = Job(tiny_config, output_dir=tmp_path / "run").run()
-    assert result.steps == 3
+    script = (
+        "import json, sys\n"
+        "from accelerate import Accelerator\n"
+        "from qlora_core import Job\n"
+        "Accelerator(cpu=True, mixed_precision='bf16')\n"
+        "result = Job(json.loads(sys.argv[1]), output_dir=sys.argv[2]).run()\n"
+        "print('steps', result.steps)\n")
+    cfg = dict(tiny_config, plugins=["no:rich-progress"])
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(cfg), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("steps 3")
 
 
 def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, tmp_path):

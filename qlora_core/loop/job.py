@@ -148,15 +148,21 @@ class RunResult:
         return self.output_dir / "adapter"
 
 
-def _allow_new_mixed_precision(mixed: str) -> None:
-    """accelerate keeps one state per process and refuses a second Accelerator with another precision; a
-    Python caller running a float32 job after a bf16 one (a benchmark, a notebook) needs a fresh one. The
-    process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState
+def make_accelerator(cpu: bool, fp16: bool) -> Any:
+    """The run's ``accelerate.Accelerator``: processes, devices, gradient synchronisation, the fp16 loss scaler.
 
-    shared = AcceleratorState._shared_state
-    if shared and str(shared.get("_mixed_precision", mixed)) != mixed:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    The loop autocasts to the compute dtype itself (:meth:`Job._autocast`), so accelerate's mixed precision is
+    asked for only where a loss scaler is needed (fp16) and otherwise left as the process has it: a Python caller
+    may run jobs of several compute dtypes, or a job after an Accelerator of its own, in one process (accelerate
+    keeps one state per process and refuses another precision once it is set).
+    """
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(cpu=cpu, mixed_precision="fp16" if fp16 else None)
+    except ValueError as e:
+        raise UsageError(f"this process already runs accelerate with another mixed precision than a float16 "
+                         f"run needs ({str(e).splitlines()[0]}); run it in a process of its own") from None
 
 
 def input_device(model, default: Any = None) -> "torch.device":
@@ -633,16 +639,13 @@ class Job:
         A job made with ``resume=RUN_DIR`` continues from that folder's latest complete checkpoint.
         """
         import torch
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
         from qlora_core.loop.checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint
 
         cfg = self.config
-        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
-        mixed = mixed if self.device == "cuda" else "no"
-        _allow_new_mixed_precision(mixed)
-        accelerator = Accelerator(cpu=self.device == "cpu", mixed_precision=mixed)
+        accelerator = make_accelerator(cpu=self.device == "cpu",
+                                       fp16=self.device == "cuda" and self.compute_dtype == torch.float16)
         self._varlen = self._use_varlen()  # may refuse the model: before any output folder is made
         if self._resume_from is not None:
             out = Path(self._resume_from)
@@ -663,7 +666,10 @@ class Job:
         model = self.hook.qlora_distribute_model(model=self.model, accelerator=accelerator, config=cfg)
         self.distributed_by_plugin = model is not None
         if model is None:
-            model = accelerator.prepare_model(self.model, device_placement=False)
+            # DDP across processes; one process trains the model as it is (accelerate would only wrap its forward
+            # in an autocast of the process's precision, which the loop does itself).
+            model = accelerator.prepare_model(self.model, device_placement=False) \
+                if accelerator.num_processes > 1 else self.model
         params = [p for p in model.parameters() if p.requires_grad]
         chosen = self.hook.qlora_optimizer_params(params=params, model=model, config=cfg)
         self._flat = None
@@ -717,7 +723,7 @@ class Job:
         # generation and evaluation afterwards get its own back.
         with self._varlen_attention():
             if cfg["train.packing"]:
-                with accelerator.autocast():
+                with self._autocast():
                     self._check_packing(model)
             if state.step == 0:
                 # This process's micro-batches of the first epoch, in the order they will be trained on.
@@ -850,7 +856,7 @@ class Job:
         bs = self.config["train.per_device_eval_batch_size"]
         total = torch.zeros((), dtype=torch.float64, device=device)
         tokens = 0
-        ctx = accelerator.autocast() if accelerator is not None else nullcontext()
+        ctx = self._autocast()
         with torch.no_grad(), ctx:
             if self.config["train.packing"]:
                 self._check_packing(model)
@@ -863,6 +869,14 @@ class Job:
             model.train()
         loss = float(total) / max(1, tokens)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+    def _autocast(self):
+        """Autocast to the compute dtype on a GPU (bf16 or fp16); float32 and the CPU compute as they are."""
+        import torch
+
+        if self.device != "cuda" or self.compute_dtype not in (torch.bfloat16, torch.float16):
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.compute_dtype)
 
     def _loss(self, model, batch) -> "tuple[torch.Tensor, int]":
         """A micro-batch's summed answer-token loss and its answer tokens: a plugin's
@@ -933,7 +947,7 @@ class Job:
             try:
                 for i, batch in enumerate(batches):
                     sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
+                    with sync, self._autocast():
                         part, _ = self._loss(model, batch)
                         # Normalise by the answer tokens of the whole step (all micro-batches, all processes),
                         # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
