@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     small = args.model.startswith("embedded:")
 
-    from qlora_core.loop.job import Job
+    from qlora_core import Job
 
     config = {
         # Step 2: configure quantization: NF4, double quantization, bf16 compute where the GPU has it.

@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/quickstart")
     args = parser.parse_args()
 
-    from qlora_core.loop.job import Job
+    from qlora_core import Job
 
     job = Job(
         {

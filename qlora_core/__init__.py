@@ -37,8 +37,9 @@ from qlora_core.loop.checkpoint import save_adapter  # noqa: E402
 from qlora_core.loop.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed  # noqa: E402
 from qlora_core.loop.job import Job, RunResult, compute_dtype_for, model_inputs, resolve  # noqa: E402
 from qlora_core.tools.evaluation import evaluate_run  # noqa: E402
-from qlora_core.tools.inference import MERGE_DTYPES, generate, load_trained, merge, merge_adapter, resolve_dtype  # noqa: E402
-from qlora_core.tools.plan import PlanSettings, plan  # noqa: E402
+from qlora_core.tools.inference import (MERGE_DTYPES, format_prompt, generate, load_trained, merge,  # noqa: E402
+                                        merge_adapter, resolve_dtype)
+from qlora_core.tools.plan import PlanSettings, guidance_warnings, plan, recommend  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -55,6 +56,6 @@ __all__ = [
     # a run from Python
     "Job", "RunResult", "resolve", "compute_dtype_for", "save_adapter",
     # tools
-    "evaluate_run", "load_trained", "generate", "merge", "merge_adapter", "resolve_dtype", "MERGE_DTYPES", "plan",
-    "PlanSettings",
+    "evaluate_run", "load_trained", "generate", "format_prompt", "merge", "merge_adapter", "resolve_dtype",
+    "MERGE_DTYPES", "plan", "PlanSettings", "recommend", "guidance_warnings",
 ]
