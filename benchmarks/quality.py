@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qlora_core.cli import quiet_third_party_noise
     from qlora_core.framework.errors import UsageError
-    from qlora_core.loop.job import default_config_data
+    from qlora_core.loop.setup import default_config_data
 
     quiet_third_party_noise()
     seed = args.seed if args.seed is not None else default_config_data()["train"]["seed"]

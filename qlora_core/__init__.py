@@ -35,7 +35,9 @@ from qlora_core.framework.formats import ChatTemplateFormat  # noqa: E402
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run, TrainControl  # noqa: E402
 from qlora_core.loop.checkpoint import save_adapter  # noqa: E402
 from qlora_core.loop.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed  # noqa: E402
-from qlora_core.loop.job import Job, RunResult, compute_dtype_for, model_inputs, resolve  # noqa: E402
+from qlora_core.loop.job import Job, model_inputs  # noqa: E402
+from qlora_core.loop.record import RunResult  # noqa: E402
+from qlora_core.loop.setup import compute_dtype_for, resolve  # noqa: E402
 from qlora_core.tools.evaluation import evaluate_run  # noqa: E402
 from qlora_core.tools.inference import (MERGE_DTYPES, format_prompt, generate, load_trained, merge,  # noqa: E402
                                         merge_adapter, resolve_dtype)

@@ -6,146 +6,24 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from qlora_core import __version__
-from qlora_core.framework.config import (CORE_OPTIONS, Config, ConfigError, auto_on, build_config, merge_overrides, parse_overrides,
-                     read_config_file, requested_plugins)
-from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
-                   packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
-from qlora_core.loop.determinism import deterministic, prepare_environment
+from qlora_core.framework.config import auto_on
 from qlora_core.framework.errors import UsageError
-from qlora_core.framework.plugins import PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args, select_plugins
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run
+from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
+                                  packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
+from qlora_core.loop.determinism import deterministic, prepare_environment
+from qlora_core.loop.record import RunRecord, RunResult, check_output_dir, prepare_output_dir
+from qlora_core.loop.setup import compute_dtype_for, pick_device, resolve, run_config_file
 
 if TYPE_CHECKING:
     import torch
-
-
-def default_config_data() -> dict[str, Any]:
-    """The embedded default job's config (``qlora run`` with no config file)."""
-    import yaml
-
-    return yaml.safe_load(resources.files("qlora_core").joinpath("default_run.yaml").read_text())
-
-
-def _optimizer_plugin_names(eps) -> list[str]:
-    names = []
-    for name in sorted(eps):
-        try:
-            if "qlora_optimizer" in implemented_hooks(eps[name].load()):
-                names.append(name.replace("-", "_"))
-        except Exception:
-            continue
-    return names
-
-
-def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
-            overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> tuple[Config, PluginSet]:
-    """Turn a config file (or dict, or the embedded default), ``--plugin`` names and ``--set`` overrides into a
-    validated :class:`Config` and the :class:`PluginSet` taking part in the run."""
-    if config is None:
-        data = default_config_data()
-    elif isinstance(config, Mapping):
-        data = dict(config)
-    else:
-        data = read_config_file(config)
-    # Overrides come as "key=value" strings (the CLI's --set) or (key, value) pairs (Python callers).
-    pairs = [o if isinstance(o, tuple) else parse_overrides([o])[0] for o in overrides]
-    data = merge_overrides(data, pairs)
-    requested, blocked = parse_plugin_args(requested_plugins(data) + list(plugins))
-    origins: dict[str, str] = {}
-    train = data.get("train")
-    optim = train.get("optim") if isinstance(train, dict) else None
-    if optim is not None:
-        eps = entry_points()
-        name = next((n for n in (str(optim), str(optim).replace("_", "-")) if n in eps), None)
-        if name is None or "qlora_optimizer" not in implemented_hooks(load_plugin(name, eps).plugin):
-            raise ConfigError([f"train.optim: unknown optimizer {optim!r}; installed: "
-                               f"{', '.join(_optimizer_plugin_names(eps))}"])
-        if name not in requested:
-            requested.append(name)
-            origins[name] = "train.optim"
-    plugin_set = select_plugins(requested, blocked, origins=origins)
-    options = list(CORE_OPTIONS)
-    for extra in plugin_set.hook.qlora_config_options():
-        options.extend(extra or [])
-    cfg = build_config(data, options, requested + [f"no:{b}" for b in blocked])
-    return cfg, plugin_set
-
-
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def compute_dtype_for(config: Config, device: str) -> "torch.dtype":
-    """``quant.bnb_4bit_compute_dtype``, with ``auto`` meaning bfloat16 on a GPU that supports it, else float32."""
-    import torch
-
-    name = config["quant.bnb_4bit_compute_dtype"]
-    if name == "auto":
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def run_config_file(run_dir: str | Path) -> Path:
-    """The ``config.yaml`` of a run folder, or a :class:`UsageError` saying the folder is not a run."""
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
-                         f"`qlora run --output` wrote")
-    return config
-
-
-def check_output_dir(output_dir: str | Path | None, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty folder without ``overwrite``."""
-    if output_dir is None:
-        return
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a file, not a folder; choose another --output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {str(out)!r} is not empty; choose another --output or pass --overwrite")
-
-
-def prepare_output_dir(output_dir: str | Path | None, overwrite: bool) -> Path:
-    """The run folder: new, empty, or emptied on ``overwrite``. Never overwritten silently."""
-    if output_dir is None:
-        output_dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(output_dir)
-    check_output_dir(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-@dataclass
-class RunResult:
-    """What a finished run produced."""
-
-    output_dir: Path
-    steps: int
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
-    exports: list[Path] = field(default_factory=list)
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.output_dir / "adapter"
 
 
 def make_accelerator(cpu: bool, fp16: bool) -> Any:
@@ -1216,69 +1094,3 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
-
-
-class RunRecord:
-    """The files that document a run: ``config.yaml``, ``plugins.json``, ``metrics.jsonl``, ``run.json``.
-
-    ``run.json`` says ``running`` until the run ends, then ``completed``, ``failed`` or ``interrupted``: a
-    folder whose ``run.json`` does not say ``completed`` is not a finished run.
-    """
-
-    def __init__(self, out: Path, main: bool):
-        self.out = out
-        self.main = main
-        self.metrics: list[dict[str, Any]] = []
-        self.summary: dict[str, Any] = {}
-        self._started = datetime.now().isoformat(timespec="seconds")
-        self._resumed_from: int | None = None
-
-    def _write_status(self, status: str, **extra: Any) -> None:
-        if not self.main:
-            return
-        body = {"status": status, "started": self._started, "qlora_version": __version__, **extra}
-        if self._resumed_from is not None:
-            body["resumed_from_step"] = self._resumed_from
-        tmp = self.out / ".run.json.tmp"
-        tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
-        tmp.replace(self.out / "run.json")
-
-    def start(self, config: Config, plugins: PluginSet) -> None:
-        if not self.main:
-            return
-        config.dump(self.out / "config.yaml")
-        plugins.dump(self.out / "plugins.json")
-        (self.out / "metrics.jsonl").write_text("")
-        self._write_status("running")
-
-    def resume(self, config: Config, plugins: PluginSet, step: int) -> None:
-        """Continue the record of a run from its checkpoint at ``step``: rows logged after it are dropped,
-        since the resumed run logs those steps again."""
-        rows = []
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        self.metrics = [r for r in rows if r.get("step", 0) <= step]
-        if not self.main:
-            return
-        previous = json.loads((self.out / "run.json").read_text()) if (self.out / "run.json").is_file() else {}
-        self._started = previous.get("started", self._started)
-        config.dump(self.out / "config.yaml")
-        plugins.dump(self.out / "plugins.json")
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.metrics))
-        self._resumed_from = step
-        self._write_status("running")
-
-    def metric(self, row: dict[str, Any]) -> None:
-        self.metrics.append(row)
-        if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def finish(self, status: str, error: BaseException | None = None) -> None:
-        extra: dict[str, Any] = {"finished": datetime.now().isoformat(timespec="seconds")}
-        if error is not None:
-            extra["error"] = f"{type(error).__name__}: {error}"
-        if self.summary:
-            extra["summary"] = self.summary
-        self._write_status(status, **extra)

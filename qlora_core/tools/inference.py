@@ -78,7 +78,7 @@ def check_finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"run folder {str(run_dir)!r} does not exist; pass the folder `qlora run --output` wrote")
-    from qlora_core.loop.job import run_config_file
+    from qlora_core.loop.setup import run_config_file
 
     run_config_file(run_dir)
     status = _run_status(run_dir)
@@ -344,7 +344,7 @@ def _free() -> None:
 
 def check_merge_output(output_dir: str | Path, overwrite: bool, run_dir: str | Path | None = None) -> Path:
     """Refuse an output that is a file, a non-empty folder without ``overwrite``, or that holds the run."""
-    from qlora_core.loop.job import check_output_dir
+    from qlora_core.loop.record import check_output_dir
 
     out = Path(output_dir)
     if run_dir is not None:
@@ -378,7 +378,7 @@ def merge_adapter(job: "Job", adapter_dir: str | Path, output_dir: str | Path, d
 
     adapter_dir = Path(adapter_dir)
     out = Path(output_dir)
-    from qlora_core.loop.job import check_output_dir
+    from qlora_core.loop.record import check_output_dir
 
     check_output_dir(out, overwrite)
     rows = peek_rows(job)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from qlora_core.tools.plan import plan
-    from qlora_core.loop.job import resolve
+    from qlora_core.loop.setup import resolve
 
     overrides = list(args.overrides)
     if args.model:

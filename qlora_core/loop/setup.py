@@ -1,0 +1,99 @@
+"""Setting a run up: the config (a file, a mapping or the embedded default job, with ``--set`` overrides) and the
+plugins taking part, resolved together; the device and the compute dtype.
+
+Nothing heavy is imported here: ``qlora run`` and ``qlora plan`` resolve a run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from qlora_core.framework.config import (CORE_OPTIONS, Config, ConfigError, build_config, merge_overrides,
+                                         parse_overrides, read_config_file, requested_plugins)
+from qlora_core.framework.errors import UsageError
+from qlora_core.framework.plugins import (PluginSet, entry_points, implemented_hooks, load_plugin, parse_plugin_args,
+                                          select_plugins)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def default_config_data() -> dict[str, Any]:
+    """The embedded default job's config (``qlora run`` with no config file)."""
+    import yaml
+
+    return yaml.safe_load(resources.files("qlora_core").joinpath("default_run.yaml").read_text())
+
+
+def _optimizer_plugin_names(eps) -> list[str]:
+    names = []
+    for name in sorted(eps):
+        try:
+            if "qlora_optimizer" in implemented_hooks(eps[name].load()):
+                names.append(name.replace("-", "_"))
+        except Exception:
+            continue
+    return names
+
+
+def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
+            overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> tuple[Config, PluginSet]:
+    """Turn a config file (or dict, or the embedded default), ``--plugin`` names and ``--set`` overrides into a
+    validated :class:`Config` and the :class:`PluginSet` taking part in the run."""
+    if config is None:
+        data = default_config_data()
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        data = read_config_file(config)
+    # Overrides come as "key=value" strings (the CLI's --set) or (key, value) pairs (Python callers).
+    pairs = [o if isinstance(o, tuple) else parse_overrides([o])[0] for o in overrides]
+    data = merge_overrides(data, pairs)
+    requested, blocked = parse_plugin_args(requested_plugins(data) + list(plugins))
+    origins: dict[str, str] = {}
+    train = data.get("train")
+    optim = train.get("optim") if isinstance(train, dict) else None
+    if optim is not None:
+        eps = entry_points()
+        name = next((n for n in (str(optim), str(optim).replace("_", "-")) if n in eps), None)
+        if name is None or "qlora_optimizer" not in implemented_hooks(load_plugin(name, eps).plugin):
+            raise ConfigError([f"train.optim: unknown optimizer {optim!r}; installed: "
+                               f"{', '.join(_optimizer_plugin_names(eps))}"])
+        if name not in requested:
+            requested.append(name)
+            origins[name] = "train.optim"
+    plugin_set = select_plugins(requested, blocked, origins=origins)
+    options = list(CORE_OPTIONS)
+    for extra in plugin_set.hook.qlora_config_options():
+        options.extend(extra or [])
+    cfg = build_config(data, options, requested + [f"no:{b}" for b in blocked])
+    return cfg, plugin_set
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype_for(config: Config, device: str) -> "torch.dtype":
+    """``quant.bnb_4bit_compute_dtype``, with ``auto`` meaning bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
+    name = config["quant.bnb_4bit_compute_dtype"]
+    if name == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def run_config_file(run_dir: str | Path) -> Path:
+    """The ``config.yaml`` of a run folder, or a :class:`UsageError` saying the folder is not a run."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a qlora run folder (no config.yaml); pass the folder "
+                         f"`qlora run --output` wrote")
+    return config
