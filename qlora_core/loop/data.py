@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
@@ -317,3 +317,48 @@ def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config
             f"{what}: no row has answer tokens within train.max_seq_length={config['train.max_seq_length']} "
             f"({dropped} dropped); raise train.max_seq_length or check the data")
     return kept, out
+
+
+def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str]) -> tuple[Any, Any, str | None]:
+    """The training rows and the held-out rows of a run, and where the held-out ones come from.
+
+    The held-out rows are ``data.eval_path``'s split (``data.eval_split``, else test, validation or train), else
+    ``data.path``'s ``data.eval_split``, else a ``data.eval_fraction`` of the training rows (seeded), else
+    ``data.path``'s test or validation split if it has one; at most ``data.max_eval_samples`` of them.
+
+    :param data_path: maps a configured path to the one to load (the plugins' ``qlora_resolve_data``).
+    :returns: ``(train_rows, eval_rows or None, eval_split or None)``.
+    """
+    splits = load_rows(data_path(cfg["data.path"]), None)
+    if cfg["data.split"] not in splits:
+        raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
+                         f"it has: {', '.join(splits)} (set data.split)")
+    train_rows = splits[cfg["data.split"]]
+    eval_rows, eval_split = None, None
+    if cfg["data.eval_path"]:
+        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None)
+        split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
+                                               None)
+        if split not in eval_splits:
+            raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
+                             f"it has: {', '.join(eval_splits)} (set data.eval_split)")
+        eval_rows, eval_split = eval_splits[split], split
+    elif cfg["data.eval_split"]:
+        if cfg["data.eval_split"] not in splits:
+            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
+                             f"it has: {', '.join(splits)} (set data.eval_split)")
+        eval_rows, eval_split = splits[cfg["data.eval_split"]], cfg["data.eval_split"]
+    elif cfg["data.eval_fraction"] > 0:
+        if len(train_rows) < 2:
+            raise UsageError("data.eval_fraction needs at least 2 training rows")
+        parts = train_rows.train_test_split(test_size=cfg["data.eval_fraction"], seed=cfg["train.seed"])
+        train_rows, eval_rows = parts["train"], parts["test"]
+        eval_split = f"{cfg['data.split']} (held-out fraction {cfg['data.eval_fraction']:g})"
+    else:
+        for name in ("test", "validation"):
+            if name in splits and name != cfg["data.split"]:
+                eval_rows, eval_split = splits[name], name
+                break
+    if eval_rows is not None and cfg["data.max_eval_samples"] > 0:
+        eval_rows = eval_rows.select(range(min(len(eval_rows), cfg["data.max_eval_samples"])))
+    return train_rows, eval_rows, eval_split

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from qlora_core.framework.config import auto_on
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run
-from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed, load_rows,
-                                  packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows)
+from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed,
+                                  packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows,
+                                  training_and_eval_rows)
 from qlora_core.loop.determinism import deterministic, prepare_environment
 from qlora_core.loop.record import RunRecord, RunResult, check_output_dir, prepare_output_dir
 from qlora_core.loop.setup import compute_dtype_for, pick_device, resolve, run_config_file
@@ -374,38 +375,7 @@ class Job:
         cfg = self.config
         if self.tokenizer is None:
             self.load_tokenizer()
-        splits = load_rows(self._data_path(cfg["data.path"]), None)
-        if cfg["data.split"] not in splits:
-            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
-                             f"it has: {', '.join(splits)} (set data.split)")
-        train_rows = splits[cfg["data.split"]]
-        eval_rows, self.eval_split = None, None
-        if cfg["data.eval_path"]:
-            eval_splits = load_rows(self._data_path(cfg["data.eval_path"]), None)
-            split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
-                                                   None)
-            if split not in eval_splits:
-                raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
-                                 f"it has: {', '.join(eval_splits)} (set data.eval_split)")
-            eval_rows, self.eval_split = eval_splits[split], split
-        elif cfg["data.eval_split"]:
-            if cfg["data.eval_split"] not in splits:
-                raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
-                                 f"it has: {', '.join(splits)} (set data.eval_split)")
-            eval_rows, self.eval_split = splits[cfg["data.eval_split"]], cfg["data.eval_split"]
-        elif cfg["data.eval_fraction"] > 0:
-            if len(train_rows) < 2:
-                raise UsageError("data.eval_fraction needs at least 2 training rows")
-            parts = train_rows.train_test_split(test_size=cfg["data.eval_fraction"], seed=cfg["train.seed"])
-            train_rows, eval_rows = parts["train"], parts["test"]
-            self.eval_split = f"{cfg['data.split']} (held-out fraction {cfg['data.eval_fraction']:g})"
-        else:
-            for name in ("test", "validation"):
-                if name in splits and name != cfg["data.split"]:
-                    eval_rows, self.eval_split = splits[name], name
-                    break
-        if eval_rows is not None and cfg["data.max_eval_samples"] > 0:
-            eval_rows = eval_rows.select(range(min(len(eval_rows), cfg["data.max_eval_samples"])))
+        train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path)
         formats, forced = self._formats()
         self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
         _, self.train_examples = tokenize_rows(train_rows, self.format, self.tokenizer, cfg, "training data")
