@@ -6,19 +6,35 @@ Every hook is prefixed ``qlora_``. A plugin is any module or object with functio
 
 Hooks are grouped by the stage of a run at which they are called, in that order:
 
+0. commands: :func:`qlora_register_commands` (the CLI asks every installed plugin, before any run)
 1. set-up: :func:`qlora_config_options`, :func:`qlora_configure`
-2. model name: :func:`qlora_resolve_model` (the tokenizer is loaded first, for the data)
+2. model name and tokenizer: :func:`qlora_resolve_model`, :func:`qlora_load_tokenizer` (the tokenizer is loaded
+   first, for the data)
 3. data: :func:`qlora_resolve_data`, :func:`qlora_dataset_formats`
 4. model: :func:`qlora_quantization_config`, :func:`qlora_model_load_kwargs`, :func:`qlora_load_base_model`,
-   :func:`qlora_model_loaded`, :func:`qlora_prepare_model`, :func:`qlora_adapter_targets`
-5. distribution and optimizer: :func:`qlora_distribute_model`, :func:`qlora_optimizer`
+   :func:`qlora_model_loaded`, :func:`qlora_prepare_model`, :func:`qlora_adapter_targets`,
+   :func:`qlora_adapter_config`, then :func:`qlora_adapter_model` once the adapters are added
+5. distribution, optimizer and schedule: :func:`qlora_distribute_model`, :func:`qlora_optimizer_params`,
+   :func:`qlora_optimizer`, :func:`qlora_lr_scheduler`, then :func:`qlora_on_resume` when a run continues
 6. training events (callbacks): the evaluation and sample before training (:func:`qlora_on_evaluate`,
-   :func:`qlora_on_sample`), then :func:`qlora_on_train_start`, :func:`qlora_on_step_end` every step,
-   :func:`qlora_on_evaluate` every ``train.eval_steps`` and at the end, :func:`qlora_on_save` for each
-   checkpoint, :func:`qlora_on_notice` for what the user should know, the sample after training
+   :func:`qlora_on_sample`), then :func:`qlora_on_train_start`; every step :func:`qlora_on_step_begin`,
+   :func:`qlora_collate` and :func:`qlora_compute_loss` for each micro-batch, :func:`qlora_on_after_backward`
+   before the optimizer steps, :func:`qlora_on_step_end`; :func:`qlora_on_log` every ``train.logging_steps``,
+   :func:`qlora_on_epoch_end` at each epoch's end, :func:`qlora_on_evaluate` every ``train.eval_steps`` and at
+   the end, :func:`qlora_on_save` for each checkpoint, :func:`qlora_on_notice` for what the user should know,
+   the sample after training; :func:`qlora_on_train_failed` instead of the rest when the run fails or is
+   interrupted
 7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
    :func:`qlora_on_train_end`
-8. tools: :func:`qlora_dequantize_model` (``qlora merge`` and the ``merged-export`` plugin)
+8. tools: :func:`qlora_plan_settings` (``qlora plan``), :func:`qlora_bench_variants` (``qlora bench``),
+   :func:`qlora_dequantize_model` (``qlora merge``)
+
+Callbacks steer the loop through ``run.control`` (:class:`qlora_core.TrainControl`): setting
+``should_stop``, ``should_save`` or ``should_evaluate`` in :func:`qlora_on_step_end` (or any hook called
+during a step) stops the run after this step, writes a checkpoint now, or evaluates now.
+
+A plugin that is a class (an entry point naming a class, or a class given to ``--plugin``) is instantiated
+once per run: its instance is where the plugin keeps per-run state.
 
 Five concerns are single-choice: quantization (:func:`qlora_quantization_config`), adapter targeting
 (:func:`qlora_adapter_targets`), distribution (:func:`qlora_distribute_model`), optimizer
@@ -39,6 +55,7 @@ if TYPE_CHECKING:
 
     from qlora_core.framework.config import Config, Option
     from qlora_core.framework.types import DatasetFormat, Run
+    from qlora_core.loop.data import TokenizedExample
 
 hookspec = pluggy.HookspecMarker("qlora")
 
@@ -52,6 +69,26 @@ SINGLE_CHOICE_HOOKS: dict[str, str] = {
 }
 
 
+# --------------------------------------------------------------------------- commands
+
+
+@hookspec
+def qlora_register_commands(register: Any) -> None:
+    """Add ``qlora`` sub-commands.
+
+    The command line asks every installed plugin (not only a run's), as ``llm`` does: a command is not a run,
+    so installing a package that adds one changes no run.
+
+    :param register: call ``register(name, help, add_arguments, main)`` once per command: ``name`` is the
+        sub-command (``qlora NAME``), ``help`` one line, ``add_arguments(parser)`` adds its options to an
+        ``argparse`` parser, and ``main(args) -> int`` runs it (raise :class:`qlora_core.UsageError` for a
+        user's mistake: one ``error:`` line, exit code 2). A name already taken is an error.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
 # --------------------------------------------------------------------------- set-up
 
 
@@ -61,7 +98,7 @@ def qlora_config_options() -> "list[Option]":
 
     Keys are dotted (``"fsdp.sharding_strategy"``) and must not clash with another plugin's.
 
-    :returns: a list of :class:`qlora_core.config.Option`.
+    :returns: a list of :class:`qlora_core.framework.config.Option`.
 
     Every plugin's result is used.
     """
@@ -71,7 +108,7 @@ def qlora_config_options() -> "list[Option]":
 def qlora_configure(config: "Config", device: str) -> None:
     """Adjust or check the validated config before anything is loaded.
 
-    Raise :class:`qlora_core.errors.UsageError` (or ``ConfigError``) to reject a combination.
+    Raise :class:`qlora_core.framework.errors.UsageError` (or ``ConfigError``) to reject a combination.
 
     :param config: the validated config; plugins may set values with ``config.set(key, value)``.
     :param device: ``"cpu"`` or ``"cuda"``: where the run will compute.
@@ -92,6 +129,20 @@ def qlora_resolve_model(name_or_path: str, config: "Config") -> "str | None":
     :param config: the config.
     :returns: a local folder or hub id, or ``None`` to leave the name to the next plugin
         (and, finally, to transformers as it is).
+
+    The first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_load_tokenizer(name_or_path: str, config: "Config") -> Any:
+    """Load the tokenizer instead of ``AutoTokenizer.from_pretrained(name_or_path)``.
+
+    :param name_or_path: the resolved model folder or hub id, or a folder holding a saved tokenizer (a run's
+        ``adapter/``).
+    :param config: the config (``model.revision``, ``model.trust_remote_code``).
+    :returns: a tokenizer (a pad token is set to eos afterwards if it has none), or ``None`` to let
+        transformers load it.
 
     The first non-None result wins.
     """
@@ -178,6 +229,32 @@ def qlora_adapter_targets(model: "torch.nn.Module", config: "Config") -> "list[s
     """
 
 
+@hookspec
+def qlora_adapter_config(lora_config: Any, model: "torch.nn.Module", config: "Config") -> None:
+    """Adjust the adapters' ``peft.LoraConfig`` in place before the model is wrapped (``get_peft_model``).
+
+    :param lora_config: the ``LoraConfig`` built from ``lora.*`` and the adapter targets.
+    :param model: the prepared base model.
+    :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_adapter_model(model: "torch.nn.Module", config: "Config") -> None:
+    """The model with its LoRA adapters (the ``PeftModel``), before it is distributed and trained. Modify it
+    in place (fused layers, compiled layers, a loss forward).
+
+    :param model: the PEFT model.
+    :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -198,10 +275,10 @@ def qlora_dataset_formats(config: "Config") -> "Sequence[DatasetFormat]":
     """Offer dataset formats (how rows become text, and which parts of it the loss covers).
 
     When the run names no format (``data.format`` or a requested formatter plugin), the first offered
-    format whose :meth:`~qlora_core.types.DatasetFormat.matches` accepts the dataset's columns is used.
+    format whose :meth:`~qlora_core.framework.types.DatasetFormat.matches` accepts the dataset's columns is used.
 
     :param config: the config.
-    :returns: a sequence of :class:`qlora_core.types.DatasetFormat`.
+    :returns: a sequence of :class:`qlora_core.framework.types.DatasetFormat`.
 
     Every plugin's result is used; a requested formatter plugin replaces the default ones.
     """
@@ -236,6 +313,21 @@ def qlora_distribute_model(model: "torch.nn.Module", accelerator: Any, config: "
 
 
 @hookspec(firstresult=True)
+def qlora_optimizer_params(params: "list[torch.nn.Parameter]", model: "torch.nn.Module",
+                           config: "Config") -> "list[torch.nn.Parameter] | None":
+    """Choose the tensors the optimizer and gradient clipping work on, in place of the trainable parameters.
+
+    :param params: the model's trainable parameters (the adapters).
+    :param model: the model as it will be trained (distributed, if a plugin distributed it).
+    :param config: the config.
+    :returns: the parameters to hand to :func:`qlora_optimizer` (the ``flat-params`` plugin returns one buffer
+        per dtype that holds every adapter), or ``None`` for ``params`` as they are.
+
+    The first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
 def qlora_optimizer(params: "list[torch.nn.Parameter]", config: "Config") -> "torch.optim.Optimizer | None":
     """Build the optimizer for the trainable parameters.
 
@@ -244,6 +336,56 @@ def qlora_optimizer(params: "list[torch.nn.Parameter]", config: "Config") -> "to
     :returns: a ``torch.optim.Optimizer``.
 
     The first non-None result wins; it is a single-choice concern.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_lr_scheduler(optimizer: "torch.optim.Optimizer", num_training_steps: int, config: "Config") -> Any:
+    """Build the learning-rate scheduler.
+
+    :param optimizer: the optimizer.
+    :param num_training_steps: the optimizer steps the run takes (its schedule's horizon).
+    :param config: the config (``train.lr_scheduler_type``, ``train.warmup_steps``, ...).
+    :returns: a ``torch.optim.lr_scheduler.LRScheduler`` (stepped once per optimizer step, its state saved in
+        checkpoints), or ``None`` for transformers' ``get_scheduler(train.lr_scheduler_type, ...)``.
+
+    The first non-None result wins.
+    """
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@hookspec(firstresult=True)
+def qlora_collate(examples: "Sequence[TokenizedExample]", config: "Config", pad_token_id: int) -> Any:
+    """Make one micro-batch of tensors from tokenized examples.
+
+    :param examples: the micro-batch's examples (``input_ids`` and ``labels``, the prompt's labels -100).
+    :param config: the config (``train.packing``, ``train.max_seq_length``).
+    :param pad_token_id: the tokenizer's pad token.
+    :returns: a dict of CPU tensors with at least ``input_ids`` and ``labels`` (and ``attention_mask``,
+        ``position_ids`` or whatever the plugin's :func:`qlora_compute_loss` reads), or ``None`` for the
+        core's batching: right-padded, or with ``train.packing`` packed into rows of up to
+        ``train.max_seq_length`` tokens.
+
+    The first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_compute_loss(model: "torch.nn.Module", batch: "dict[str, torch.Tensor]",
+                       config: "Config") -> "tuple[torch.Tensor, int] | None":
+    """Compute a micro-batch's loss, in training and in evaluation.
+
+    :param model: the model as trained (distributed, if a plugin distributed it).
+    :param batch: the micro-batch on the model's device, as :func:`qlora_collate` made it.
+    :param config: the config.
+    :returns: ``(loss_sum, n_targets)``: the next-token cross-entropy summed over the batch's answer tokens (the
+        labels that are not -100, shifted by one), a scalar tensor with its graph, and their number; the loop
+        normalises by the whole step's answer tokens. ``None`` for the core's: the model's logits and
+        ``torch.nn.functional.cross_entropy``.
+
+    The first non-None result wins.
     """
 
 
@@ -263,6 +405,44 @@ def qlora_on_train_start(run: "Run") -> None:
 
 
 @hookspec
+def qlora_on_resume(run: "Run", checkpoint: "Path") -> None:
+    """A run continues from a checkpoint: the adapters, optimizer, scheduler and position are loaded.
+
+    :param run: the run; ``run.step`` is the checkpoint's step.
+    :param checkpoint: the checkpoint folder (``RUN_DIR/checkpoints/step-N``).
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process, before :func:`qlora_on_train_start`.
+    """
+
+
+@hookspec
+def qlora_on_step_begin(run: "Run", step: int) -> None:
+    """An optimizer step is about to start (before its first micro-batch).
+
+    :param run: the run; ``run.step`` is still the previous step.
+    :param step: the step about to be taken (1-based).
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_after_backward(run: "Run", model: "torch.nn.Module", optimizer: "torch.optim.Optimizer") -> None:
+    """The step's gradients are complete (after its last micro-batch's backward), before gradient clipping and
+    the optimizer step: the place for a synchronisation or a change of the gradients.
+
+    :param run: the run; ``run.step`` is still the previous step.
+    :param model: the model as trained.
+    :param optimizer: the optimizer about to step.
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process.
+    """
+
+
+@hookspec
 def qlora_on_step_end(run: "Run", metrics: "dict[str, float | None]") -> None:
     """An optimizer step has finished.
 
@@ -270,6 +450,31 @@ def qlora_on_step_end(run: "Run", metrics: "dict[str, float | None]") -> None:
     :param metrics: ``step``, ``loss`` (mean over target tokens of the step), ``learning_rate``,
         ``grad_norm`` (``None`` when ``train.max_grad_norm`` is 0), ``tokens`` (tokens in the step),
         ``tokens_per_second``, ``epoch``, ``elapsed`` and, on a GPU, ``gpu_memory_gib``.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_on_log(run: "Run", metrics: "dict[str, float | None]") -> None:
+    """A logging step (every ``train.logging_steps`` and the last): the row written to ``metrics.jsonl``.
+
+    :param run: the run.
+    :param metrics: as for :func:`qlora_on_step_end`, with ``loss`` and ``tokens_per_second`` averaged over the
+        steps since the last logging step.
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process.
+    """
+
+
+@hookspec
+def qlora_on_epoch_end(run: "Run", epoch: int) -> None:
+    """An epoch over the training data has ended at this step.
+
+    :param run: the run; ``run.step`` is the step that finished the epoch.
+    :param epoch: the epoch that ended (1-based).
     :returns: nothing.
 
     Every plugin's implementation is called.
@@ -347,6 +552,19 @@ def qlora_on_train_end(run: "Run", summary: "dict[str, Any]") -> None:
     """
 
 
+@hookspec
+def qlora_on_train_failed(run: "Run", error: BaseException, status: str) -> None:
+    """The run stopped on an error or was interrupted; ``run.json`` says so. Nothing is exported.
+
+    :param run: the run; ``run.step`` is the last completed step.
+    :param error: the exception (``KeyboardInterrupt`` when interrupted).
+    :param status: ``"failed"`` or ``"interrupted"``.
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process; the error is raised again afterwards.
+    """
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -380,4 +598,33 @@ def qlora_dequantize_model(model: "torch.nn.Module", dtype: "torch.dtype") -> "t
         quantize it.
 
     The first non-None result wins (a quant strategy implements it for its own layers).
+    """
+
+
+@hookspec
+def qlora_plan_settings(settings: Any, config: "Config") -> None:
+    """Tell ``qlora plan`` how this plugin changes a run's memory: adjust the estimate's settings in place.
+
+    :param settings: the :class:`qlora_core.PlanSettings` of the estimate (``optimizer``,
+        ``optimizer_bytes``, ``checkpointing``, ``offload``, ``fused_loss``, ``adapter_copy``,
+        ``shard_adapters``, ``upcast``, ...), made from the config with the core's defaults (no plugin:
+        an fp32 AdamW's 8 bytes per trainable parameter, every activation kept, the logits materialized).
+    :param config: the config.
+    :returns: nothing.
+
+    Every plugin's implementation is called.
+    """
+
+
+@hookspec
+def qlora_bench_variants() -> "dict[str, dict[str, Any]]":
+    """Offer ``qlora bench`` variants: named runs beside ``qlora`` (the defaults), usually with one lever off.
+
+    ``qlora bench`` asks every installed plugin, as the command line does for commands.
+
+    :returns: ``{name: {"help": one line, "set": ["KEY=VALUE", ...], "plugins": ["NAME" or "no:NAME", ...],
+        "ablation": True to run it under ``--ablations``}}``; or a variant with ``"run": callable(args,
+        model_dir, device) -> dict`` for code that is not qlora's loop (the guide's recipe).
+
+    Every plugin's result is used; a name offered twice is an error.
     """

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from qlora_core import __version__
 from qlora_core.cli.commands import COMMANDS
-from qlora_core.framework.errors import UsageError
+from qlora_core.framework.errors import PluginError, UsageError
 
 EXIT_USAGE = 2
 
@@ -33,7 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(handler=module.main)
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub) -> None:
+    """The sub-commands installed plugins add (:func:`~qlora_core.hookspecs.qlora_register_commands`)."""
+    from qlora_core.framework.plugins import installed_plugin_manager
+
+    pm = installed_plugin_manager()
+    taken = set(sub.choices)
+
+    def register(name: str, help: str, add_arguments, main) -> None:
+        if name in taken:
+            raise PluginError(f"a plugin registers the command {name!r}, which exists already; rename it")
+        taken.add(name)
+        command = sub.add_parser(name, help=help, description=help)
+        add_arguments(command)
+        command.set_defaults(handler=main)
+
+    pm.hook.qlora_register_commands(register=register)
 
 
 def quiet_third_party_noise() -> None:
@@ -57,7 +76,12 @@ def quiet_third_party_noise() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     if args.command != "plugins":
         quiet_third_party_noise()
     try:

@@ -88,8 +88,22 @@ def _import_failure(name: str, exc: BaseException) -> PluginError:
     return PluginError(f'cannot import plugin "{name}": {type(exc).__name__}: {reason}')
 
 
+def _instance(name: str, obj: Any) -> Any:
+    """A plugin that is a class is instantiated: one instance per run (each run loads its plugins anew), the
+    place where the plugin keeps that run's state."""
+    if not isinstance(obj, type):
+        return obj
+    try:
+        return obj()
+    except Exception as e:
+        raise PluginError(f'plugin "{name}": its class {obj.__name__} cannot be instantiated without arguments: '
+                          f'{type(e).__name__}: {e}') from None
+
+
 def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> PluginInfo:
-    """Load one plugin by entry-point name, dotted module path (``pkg.mod`` or ``pkg.mod:obj``) or ``.py`` file."""
+    """Load one plugin by entry-point name, dotted module path (``pkg.mod`` or ``pkg.mod:obj``) or ``.py`` file.
+
+    A plugin that is a class is instantiated (one instance per call, so per run)."""
     eps = entry_points() if eps is None else eps
     if name in eps:
         ep = eps[name]
@@ -98,7 +112,8 @@ def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> Plugi
         except Exception as e:
             raise _import_failure(name, e) from None
         dist = ep.dist
-        return PluginInfo(name, obj, "entry point", dist.name if dist else None, dist.version if dist else None)
+        return PluginInfo(name, _instance(name, obj), "entry point", dist.name if dist else None,
+                          dist.version if dist else None)
     if name.endswith(".py") or "/" in name or "\\" in name:
         path = Path(name).expanduser()
         if not path.is_file():
@@ -133,7 +148,7 @@ def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> Plugi
         except AttributeError:
             raise PluginError(f"plugin {name!r}: module {module_name} has no attribute {attr!r}") from None
     dist, version = _module_distribution(module_name)
-    return PluginInfo(name, obj, "module", dist, version)
+    return PluginInfo(name, _instance(name, obj), "module", dist, version)
 
 
 def parse_plugin_args(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -262,3 +277,28 @@ def installed_plugins() -> list[dict[str, Any]]:
             row["error"] = f"{type(e).__name__}: {e}"
         out.append(row)
     return out
+
+
+def installed_plugin_objects() -> list[tuple[str, Any]]:
+    """Every installed ``qlora`` entry point that imports, loaded (classes instantiated), by name: for the hooks
+    that ask every installed plugin rather than a run's (commands, bench variants). One that fails to import is
+    left out; ``qlora plugins`` shows its error."""
+    out = []
+    for name, ep in sorted(entry_points().items()):
+        try:
+            out.append((name, _instance(name, ep.load())))
+        except Exception:  # noqa: BLE001 - listed with its error by `qlora plugins`
+            continue
+    return out
+
+
+def installed_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager holding every installed plugin that imports (:func:`installed_plugin_objects`)."""
+    pm = pluggy.PluginManager("qlora")
+    pm.add_hookspecs(hookspecs)
+    for name, obj in installed_plugin_objects():
+        try:
+            pm.register(obj, name=name)
+        except (ValueError, pluggy.PluginValidationError):
+            continue
+    return pm

@@ -450,8 +450,10 @@ class Job:
         revision = self.config["model.revision"] if path is None else None
         path = self.model_path() if path is None else path
         try:
-            tok = AutoTokenizer.from_pretrained(path, revision=revision,
-                                                trust_remote_code=self.config["model.trust_remote_code"])
+            tok = self.hook.qlora_load_tokenizer(name_or_path=str(path), config=self.config)
+            if tok is None:
+                tok = AutoTokenizer.from_pretrained(path, revision=revision,
+                                                    trust_remote_code=self.config["model.trust_remote_code"])
         except (OSError, ValueError) as e:
             raise UsageError(f"could not load the tokenizer of model {self.config['model.name_or_path']!r}: "
                              f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
@@ -568,8 +570,10 @@ class Job:
         targets = self.hook.qlora_adapter_targets(model=model, config=cfg) or cfg["lora.target_modules"]
         lora = LoraConfig(r=cfg["lora.r"], lora_alpha=cfg["lora.lora_alpha"], lora_dropout=cfg["lora.lora_dropout"],
                           target_modules=targets, bias=cfg["lora.bias"], task_type="CAUSAL_LM")
+        self.hook.qlora_adapter_config(lora_config=lora, model=model, config=cfg)
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
+        self.hook.qlora_adapter_model(model=self.model, config=cfg)
         cuda = self.device == "cuda"
         fused = auto_on(cfg["train.fused_lora"], cuda)
         self.fused_lora = fused
@@ -649,8 +653,11 @@ class Job:
         if model is None:
             model = accelerator.prepare_model(self.model, device_placement=False)
         params = [p for p in model.parameters() if p.requires_grad]
+        chosen = self.hook.qlora_optimizer_params(params=params, model=model, config=cfg)
         self._flat = None
-        if cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
+        if chosen is not None:
+            params = list(chosen)
+        elif cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
             # DDP keeps per-tensor gradient buckets of its own; a plugin's wrapper (fsdp) leaves the adapters
             # as they are, so they can be gathered like an unwrapped model's.
             from qlora_core.flat import FlatParams
@@ -667,8 +674,10 @@ class Job:
             max_steps = cfg["train.max_steps"]
         else:
             max_steps = max(1, math.ceil(cfg["train.num_train_epochs"] * len(self.train_examples) / per_step))
-        scheduler = get_scheduler(cfg["train.lr_scheduler_type"], optimizer, num_warmup_steps=cfg["train.warmup_steps"],
-                                  num_training_steps=max_steps)
+        scheduler = self.hook.qlora_lr_scheduler(optimizer=optimizer, num_training_steps=max_steps, config=cfg)
+        if scheduler is None:
+            scheduler = get_scheduler(cfg["train.lr_scheduler_type"], optimizer,
+                                      num_warmup_steps=cfg["train.warmup_steps"], num_training_steps=max_steps)
 
         state = TrainState(micro_batch_size=cfg["train.per_device_train_batch_size"])
         rng = None
@@ -682,7 +691,11 @@ class Job:
         run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
                   device=str(accelerator.device), compute_dtype=str(self.compute_dtype).replace("torch.", ""),
                   model=model, tokenizer=self.tokenizer, accelerator=accelerator,
-                  num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples))
+                  num_train_examples=len(self.train_examples), num_eval_examples=len(self.eval_examples),
+                  max_micro_batch_tokens=self._max_micro_batch_tokens(), notify=self.hook.qlora_on_notice)
+        run.step = state.step
+        if ckpt is not None:
+            self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
         if self.num_parameters:
             from qlora_core.tools.plan import guidance_warnings
 
@@ -724,7 +737,9 @@ class Job:
                 with deterministic(cfg["train.deterministic"]):
                     result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
             except BaseException as e:
-                record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=e)
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                record.finish(status, error=e)
+                self.hook.qlora_on_train_failed(run=run, error=e, status=status)
                 raise
             finally:
                 if flat is not None:
@@ -779,7 +794,10 @@ class Job:
     def _collate(self, examples: Sequence[TokenizedExample]) -> "dict[str, torch.Tensor]":
         """One micro-batch: with ``train.packing`` packed into rows of up to ``train.max_seq_length`` tokens
         (attention within each example costs what it would unpacked: one long row would cost its square), else
-        right-padded."""
+        right-padded. A plugin's :func:`~qlora_core.hookspecs.qlora_collate` comes first."""
+        batch = self.hook.qlora_collate(examples=examples, config=self.config, pad_token_id=self.tokenizer.pad_token_id)
+        if batch is not None:
+            return batch
         if self.config["train.packing"]:
             return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id,
                                   varlen=self._varlen)
@@ -826,13 +844,23 @@ class Job:
                 self._check_packing(model)
             for i in range(0, len(self.eval_examples), bs):
                 batch = {k: v.to(device) for k, v in self._collate(self.eval_examples[i:i + bs]).items()}
-                loss, n = _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
+                loss, n = self._loss(model, batch)
                 total += loss.double()
                 tokens += n
         if was_training:
             model.train()
         loss = float(total) / max(1, tokens)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+    def _loss(self, model, batch) -> "tuple[torch.Tensor, int]":
+        """A micro-batch's summed answer-token loss and its answer tokens: a plugin's
+        :func:`~qlora_core.hookspecs.qlora_compute_loss`, else the core's cross-entropy."""
+        with _packed_context(batch):
+            found = self.hook.qlora_compute_loss(model=model, batch=batch, config=self.config)
+        if found is not None:
+            loss, n = found
+            return loss, int(n)
+        return _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
@@ -894,7 +922,7 @@ class Job:
                 for i, batch in enumerate(batches):
                     sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        part, _ = _token_loss_sum(model, batch, cfg["train.fused_cross_entropy"])
+                        part, _ = self._loss(model, batch)
                         # Normalise by the answer tokens of the whole step (all micro-batches, all processes),
                         # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
                         accelerator.backward(part * world / n_targets)
@@ -922,16 +950,21 @@ class Job:
                 loss_sum = accelerator.reduce(loss_sum, reduction="sum")
             return float(loss_sum), n_targets, int(tokens)
 
+    def _max_micro_batch_tokens(self) -> int:
+        """The most tokens a micro-batch holds (batch x sequence): with packing, micro-batch x max_seq_length;
+        padded, micro-batch x the longest example."""
+        cfg = self.config
+        size = cfg["train.per_device_train_batch_size"]
+        longest = max((len(x.input_ids) for x in self.train_examples), default=0)
+        width = cfg["train.max_seq_length"] if cfg["train.packing"] else min(longest, cfg["train.max_seq_length"])
+        return size * width
+
     def _reserve_offload(self) -> None:
         """Tell the activation offload the largest micro-batch to expect (tokens), so its pinned CPU buffers are
         allocated once rather than regrown as ragged batches bring longer ones."""
         from qlora_core.layers import reserve_offload
 
-        cfg = self.config
-        size = cfg["train.per_device_train_batch_size"]
-        longest = max((len(x.input_ids) for x in self.train_examples), default=0)
-        width = cfg["train.max_seq_length"] if cfg["train.packing"] else min(longest, cfg["train.max_seq_length"])
-        reserve_offload(self.model, size * width)
+        reserve_offload(self.model, self._max_micro_batch_tokens())
 
     def _layer_notices(self, run: Run, model) -> None:
         from qlora_core.layers import layer_policy
@@ -1029,10 +1062,12 @@ class Job:
             t0 = time.perf_counter()
             examples = self._step_examples(state.examples_seen, per_step, rank, world)
             lr = scheduler.get_last_lr()[0]
+            hook.qlora_on_step_begin(run=run, step=step)
             budgeting = step == state.step + 1 and self._start_budget(model, device)
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
             if budgeting:
                 self._apply_budget(run, model, device)
+            hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
             grad_norm = None
             if flat is not None:
                 flat.collect()
@@ -1067,21 +1102,36 @@ class Job:
             w["tokens"] += tokens
             w["seconds"] += seconds
             hook.qlora_on_step_end(run=run, metrics=metrics)
-            if step % cfg["train.logging_steps"] == 0 or step == run.max_steps:
+            if step % cfg["train.logging_steps"] == 0 or step == run.max_steps or run.control.should_stop:
                 logged = dict(metrics, loss=w["loss"] / w["targets"],
                               tokens_per_second=w["tokens"] / max(w["seconds"], 1e-9))
                 record.metric(logged)
+                hook.qlora_on_log(run=run, metrics=logged)
                 state.summary["train_loss"] = logged["loss"]
                 state.window = dict(_EMPTY_WINDOW)
-            if self.eval_examples and cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0 \
-                    and step != run.max_steps:
+            epochs_done = state.examples_seen // n
+            for epoch in range(epoch_before + 1, epochs_done + 1):
+                hook.qlora_on_epoch_end(run=run, epoch=epoch)
+            control = run.control
+            if world > 1:  # a callback on one process asks for all of them: every process acts alike
+                asked = torch.tensor([control.should_stop, control.should_save, control.should_evaluate],
+                                     dtype=torch.int32, device=device)
+                torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
+                control.should_stop, control.should_save, control.should_evaluate = (bool(x) for x in asked.tolist())
+            stopping = control.should_stop and step != run.max_steps
+            if self.eval_examples and step != run.max_steps and not stopping and (
+                    control.should_evaluate or (cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0)):
                 ev = {"step": step, **self.evaluate(model, accelerator)}
                 record.metric(ev)
                 hook.qlora_on_evaluate(run=run, metrics=ev)
             strategy = cfg["train.save_strategy"]
-            if step != run.max_steps and (
-                    (strategy == "steps" and step % cfg["train.save_steps"] == 0)
-                    or (strategy == "epoch" and state.examples_seen // n > epoch_before)):
+            save = step != run.max_steps and (
+                control.should_save
+                or (stopping and strategy != "no")
+                or (strategy == "steps" and step % cfg["train.save_steps"] == 0)
+                or (strategy == "epoch" and epochs_done > epoch_before))
+            control.should_stop = control.should_save = control.should_evaluate = False
+            if save:
                 state.train_seconds = time.perf_counter() - started
                 if run.is_main_process:
                     path = save_checkpoint(run.output_dir, step, accelerator.unwrap_model(model), optimizer,
@@ -1089,15 +1139,20 @@ class Job:
                                            keep=cfg["train.save_total_limit"])
                     hook.qlora_on_save(run=run, path=path)
                 accelerator.wait_for_everyone()
+            if stopping:
+                state.summary["stopped_at_step"] = step
+                hook.qlora_on_notice(run=run, message=f"a plugin stopped the run after step {step} of "
+                                                      f"{run.max_steps}")
+                break
         summary = state.summary
-        summary["steps"] = run.max_steps
+        summary["steps"] = run.step
         train_seconds = time.perf_counter() - started
         summary["train_seconds"] = train_seconds
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
             summary["peak_gpu_memory_gib"] = _busiest_gpu_peak_gib(device, world)
         if self.eval_examples:
-            ev = {"step": run.max_steps, **self.evaluate(model, accelerator)}
+            ev = {"step": run.step, **self.evaluate(model, accelerator)}
             summary["eval_loss_after"] = ev["eval_loss"]
             record.metric(ev)
             hook.qlora_on_evaluate(run=run, metrics=ev)
@@ -1111,7 +1166,7 @@ class Job:
         accelerator.wait_for_everyone()
         hook.qlora_on_train_end(run=run, summary=summary)
         record.summary = summary
-        return RunResult(run.output_dir, run.max_steps, record.metrics, summary, exports)
+        return RunResult(run.output_dir, run.step, record.metrics, summary, exports)
 
 
 _EMPTY_WINDOW = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
