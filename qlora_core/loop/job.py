@@ -969,10 +969,6 @@ class Job:
     def _layer_notices(self, run: Run, model) -> None:
         from qlora_core.layers import layer_policy
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(inner, "_qlora_liger", None) == "missing":
-            self.hook.qlora_on_notice(run=run, message="liger-kernel is not installed: training without its fused "
-                                                       "kernels (pip install 'qlora[gpu]')")
         policy = layer_policy(model)
         if policy is not None and run.device != "cpu":
             self.hook.qlora_on_notice(run=run, message=f"decoder layers: {policy.describe()}")
