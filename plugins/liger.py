@@ -40,3 +40,10 @@ class LigerKernels:
     def qlora_on_train_start(self, run) -> None:
         if self.missing:
             run.notice(MISSING_NOTICE)
+
+    @hookimpl
+    def qlora_bench_variants(self):
+        return {
+            "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"],
+                            "ablation": True},
+        }
