@@ -4,8 +4,8 @@ forward values and gradients, printed as one JSON object (max abs / relative dif
 * the output head + cross-entropy: liger-kernel's fused kernel and qlora's chunked PyTorch function vs
   ``F.cross_entropy(hidden @ W.T)`` (bf16 inputs, Llama-3 vocabulary);
 * liger-kernel's RMSNorm, RoPE and SwiGLU (the ``liger-kernels`` plugin) vs transformers' own Llama layer;
-* qlora's checkpointing with CPU offload and lean recomputation (``qlora_core.layers``), torch.compile of the
-  layers and the fused 4-bit + LoRA op (``qlora_core.lora_fused``) vs plain layers and PEFT's LoRA forward:
+* qlora's checkpointing with CPU offload and lean recomputation (``qlora_plugins.layers``), torch.compile of the
+  layers and the fused 4-bit + LoRA op (``qlora_plugins.fused_lora``) vs plain layers and PEFT's LoRA forward:
   loss and every LoRA gradient of a 4-bit model. A variant that fails is reported beside the others;
 * qlora's single-kernel NF4 dequantization vs bitsandbytes' (bit for bit, and the time of each), and the fused op
   with the adapters' kept bf16 copies vs casting them;
@@ -95,9 +95,9 @@ def check_layers(results: dict) -> None:
 
     import torch
 
-    from qlora_core.layers import checkpoint_layers, compile_layers, set_checkpointed_layers
-    from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
     from qlora_core.loop.job import Job, _token_loss_sum
+    from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
+    from qlora_plugins.layers import checkpoint_layers, compile_layers, layer_policy, set_checkpointed_layers
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
     folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")
@@ -142,8 +142,6 @@ def check_layers(results: dict) -> None:
             loss.backward()
             torch.cuda.synchronize()
             if "lean" in name:  # the first backward checked the lean recomputation; a second one uses it
-                from qlora_core.layers import layer_policy
-
                 lean_ok = layer_policy(model).lean
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -228,7 +226,7 @@ def check_nf4(results: dict) -> None:
     import bitsandbytes.functional as bnbf
     import torch
 
-    from qlora_core.nf4 import dequantize_nf4
+    from qlora_plugins.nf4_kernel import dequantize_nf4
 
     out: dict = {}
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -267,7 +265,7 @@ def check_nf4(results: dict) -> None:
         gpu_us, _ = timing(fn, *big, 50)
         _, cpu_us = timing(fn, *small, 500)  # tiny: the GPU keeps up, the loop runs at the CPU's pace
         out[f"time_{label}"] = {"gpu_us_4096x14336": round(gpu_us, 1), "cpu_us_per_call": round(cpu_us, 1)}
-    # The sweep behind qlora_core.nf4's BLOCK and WARPS: each setting exact, and its GPU time.
+    # The sweep behind qlora_plugins.nf4_kernel's BLOCK and WARPS: each setting exact, and its GPU time.
     square = bnbf.quantize_4bit(torch.randn(4096, 4096, device="cuda", generator=g).bfloat16() * 0.02,
                                 compress_statistics=True, quant_type="nf4")
     sweep = {}
@@ -290,9 +288,11 @@ def check_compute_copies(results: dict) -> None:
     import bitsandbytes as bnb
     import torch
 
-    from qlora_core.layers import register_quant_weight
-    from qlora_core.lora_fused import _ops
+    from qlora_plugins import nf4_kernel
+    from qlora_plugins.fused_lora import _ops
+    from qlora_plugins.quant_weights import register_quant_weight
 
+    nf4_kernel.set_enabled(True)  # as under the fused-lora plugin's default train.fast_dequant
     op = _ops()
     layer = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
                               quant_type="nf4")

@@ -42,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qlora_core.loop.job import Job
+    from qlora_plugins.gradient_checkpointing import layer_policy
 
     shutil.rmtree(args.out, ignore_errors=True)
     model_dir = build_random_model(args.tokenizer, args.out / "model")
@@ -59,11 +60,14 @@ def main() -> None:
             result = job.run()
             losses = [m["loss"] for m in result.metrics if "loss" in m]
             base = job.model.get_base_model()
+            policy = layer_policy(job.model)  # the gradient-checkpointing plugin's own checkpointing, if it ran
             placement = {n: p.device.type for n, p in base.named_parameters()}
             row.update(ok=True, compute_dtype=str(job.compute_dtype), optimizer=type(
                        job.plugins.hook.qlora_optimizer(params=[torch.nn.Parameter(torch.zeros(1, device="cuda"))],
                                                         config=job.config)).__name__,
-                       gradient_checkpointing=bool(getattr(base, "is_gradient_checkpointing", False)),
+                       gradient_checkpointing=bool(policy is not None and policy.checkpointed)
+                       or bool(getattr(base, "is_gradient_checkpointing", False)),
+                       layers=policy.describe() if policy is not None else None,
                        parameters_on_cpu=sum(1 for d in placement.values() if d == "cpu"),
                        parameters_on_gpu=sum(1 for d in placement.values() if d == "cuda"),
                        loss_first=losses[0], loss_last=losses[-1],

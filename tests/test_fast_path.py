@@ -60,7 +60,7 @@ def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config
     """Same loss and LoRA gradients with every layer recomputed (qlora's own checkpointing, dropout replayed
     from the saved RNG state), with none recomputed, and with a budget's mix; the fused head+loss too."""
     from qlora_core.loop.data import collate
-    from qlora_core.layers import layer_policy, set_checkpointed_layers
+    from qlora_plugins.layers import layer_policy, set_checkpointed_layers
 
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
     job = Job(cfg, output_dir=tmp_path / "run")
@@ -96,8 +96,8 @@ def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config
 def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path):
     """Recomputed layers hold no activations between forward and backward: fewer saved tensors."""
     from qlora_core.loop.data import collate
-    from qlora_core.layers import set_checkpointed_layers
     from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.layers import set_checkpointed_layers
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()
@@ -125,7 +125,7 @@ def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path)
 
 
 def test_budget_arithmetic():
-    from qlora_core.layers import layers_within_budget
+    from qlora_plugins.layers import layers_within_budget
 
     gib = 2**30
     # 32 layers, 8 GiB peak with all recomputed, 1 GiB per kept layer
@@ -173,7 +173,7 @@ def _model_with_live_adapters(job):
 def test_fused_lora_layers_match_peft_in_output_and_gradients(tiny_config, tmp_path, dropout):
     """The fused 4-bit base + LoRA function against PEFT's own forward: same logits-side loss, same gradients
     of every adapter weight and of the layer inputs (dropout masks replayed from the same seed)."""
-    from qlora_core.lora_fused import fuse_lora_layers
+    from qlora_plugins.fused_lora import fuse_lora_layers
 
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
     job = Job(cfg, overrides=["train.compile=false"], output_dir=tmp_path / "run")
@@ -226,36 +226,59 @@ def test_fused_lora_under_torch_compile_gives_peft_s_gradients(tiny_config, tmp_
 
 def test_the_memory_budget_keeps_the_activations_of_the_layers_that_fit(tiny_config, tmp_path, monkeypatch):
     """train.gpu_memory_budget after the first step: from the measured peak (every layer recomputed) and one
-    layer's activations, the layers that fit stop being recomputed, and the run is told so. The CUDA memory
-    figures are stood in for on the CPU; the arithmetic and the switch are the trainer's own."""
+    layer's activations, the layers that fit stop being recomputed, and the run is told so; later steps change
+    nothing. The CUDA memory figures are stood in for on the CPU; the arithmetic and the switch are the
+    gradient-checkpointing plugin's own, driven through its hooks as the loop calls them."""
     from types import SimpleNamespace
 
-    from qlora_core.layers import layer_policy, layer_state
+    from qlora_plugins.gradient_checkpointing import layer_policy
+    from qlora_plugins.layers import layer_state
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 8 * gib)
+
+    def on_cuda(job, model):
+        notices = []
+        run = SimpleNamespace(config=job.config, model=model, device="cuda", max_micro_batch_tokens=64,
+                              accelerator=SimpleNamespace(device=SimpleNamespace(type="cuda")),
+                              notice=notices.append)
+        plugin = job.plugins.pm.get_plugin("gradient-checkpointing")
+        plugin.qlora_on_train_start(run=run)
+        return run, plugin, notices
 
     job = Job(tiny_config, overrides=["train.gpu_memory_budget=10"], output_dir=tmp_path / "run")
     job.load_data()
     model = job.load_model()
     layers = layer_policy(model).layers
-    gib = 2**30
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 8 * gib)
-    cuda = SimpleNamespace(type="cuda")
-    assert job._start_budget(model, cuda) and layer_state(model).measure_next
+    run, plugin, notices = on_cuda(job, model)
+    assert notices == [f"decoder layers: {layer_policy(model).describe()}"]
+    plugin.qlora_on_step_begin(run=run, step=1)
+    assert layer_state(model).measure_next
     layer_state(model).layer_activation_bytes = gib // 2  # what the first recomputation measured
-    notices = []
-    job.hook.qlora_on_notice = lambda run, message: notices.append(message)
-    job._apply_budget(SimpleNamespace(), model, cuda)
+    layer_state(model).measure_next = False
+    plugin.qlora_on_after_backward(run=run, model=model, optimizer=None)
     # 10 GiB x 0.9 - 8 GiB = 1 GiB of room: two layers of 0.5 GiB keep their activations
     assert layer_policy(model).checkpointed == layers - 2
-    assert "2 of" in notices[0] and "keep their activations" in notices[0]
+    assert "2 of" in notices[1] and "keep their activations" in notices[1]
+    # the next step measures and changes nothing
+    plugin.qlora_on_step_begin(run=run, step=2)
+    assert not layer_state(model).measure_next
+    plugin.qlora_on_after_backward(run=run, model=model, optimizer=None)
+    assert layer_policy(model).checkpointed == layers - 2 and len(notices) == 2
     # no budget: nothing measured, nothing changed
     plain = Job(tiny_config, output_dir=tmp_path / "plain")
     plain.load_data()
-    assert not plain._start_budget(plain.load_model(), cuda)
+    plain_model = plain.load_model()
+    run, plugin, notices = on_cuda(plain, plain_model)
+    plugin.qlora_on_step_begin(run=run, step=1)
+    assert not layer_state(plain_model).measure_next
+    plugin.qlora_on_after_backward(run=run, model=plain_model, optimizer=None)
+    assert layer_policy(plain_model).checkpointed == layers and len(notices) == 1
 
 
 def _count_grad_only(monkeypatch) -> list:
-    from qlora_core import layers
+    from qlora_plugins import layers
 
     calls = []
     original = layers._grad_only
@@ -274,7 +297,7 @@ def test_lean_recompute_skips_the_output_projections_with_the_same_gradients(tin
     """train.lean_recompute (the default): the first backward checks the lean recomputation against the full one
     (NaN in the skipped outputs), then every later recomputation skips the down projections' forward matmul;
     losses and adapter gradients stay those of no checkpointing at all."""
-    from qlora_core.layers import layer_policy, layer_state, set_checkpointed_layers
+    from qlora_plugins.layers import layer_policy, layer_state, set_checkpointed_layers
 
     calls = _count_grad_only(monkeypatch)
     cfg = dict(tiny_config, lora=dict(tiny_config.get("lora", {}), lora_dropout=dropout))
@@ -317,9 +340,9 @@ def test_lean_recompute_skips_the_output_projections_with_the_same_gradients(tin
 def test_lean_recompute_is_refused_where_backward_reads_the_skipped_output(tiny_config, tmp_path, monkeypatch):
     """A projection whose output backward does read (here o_proj: the attention output feeds the next norm)
     fails the first backward's check: the model keeps the full recomputation and the right gradients."""
-    from qlora_core import layers
     from qlora_core.loop.data import collate
-    from qlora_core.layers import layer_policy, set_checkpointed_layers
+    from qlora_plugins import layers
+    from qlora_plugins.layers import layer_policy, set_checkpointed_layers
 
     monkeypatch.setattr(layers, "OUTPUT_PROJECTIONS", ("o_proj",))
     calls = _count_grad_only(monkeypatch)
@@ -346,7 +369,7 @@ def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_con
     hand the eager code a flattened view); gradients stay those of the uncompiled full recomputation."""
     from torch._dynamo.utils import counters
 
-    from qlora_core.layers import layer_policy
+    from qlora_plugins.layers import layer_policy
 
     def grads(overrides):
         job = Job(tiny_config, overrides=overrides, output_dir=tmp_path / str(len(overrides)))
@@ -368,13 +391,13 @@ def test_lean_recompute_under_torch_compile_traces_without_graph_breaks(tiny_con
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
 def test_nf4_single_kernel_formula_is_bitsandbytes_bit_for_bit(nested, storage):
-    """qlora_core.nf4's arithmetic (here in PyTorch; benchmarks/fused_check.py compares the Triton kernel on the
-    GPU): the same bits as bitsandbytes' dequantize_4bit, with and without double quantization, packed in
+    """qlora_plugins.nf4_kernel's arithmetic (here in PyTorch; benchmarks/fused_check.py compares the Triton kernel
+    on the GPU): the same bits as bitsandbytes' dequantize_4bit, with and without double quantization, packed in
     uint8 or in FSDP's bf16 storage. Off CUDA the kernel declines and bitsandbytes does the work."""
     import bitsandbytes.functional as bnbf
 
-    from qlora_core.layers import dense_weight
-    from qlora_core.nf4 import dequantize_nf4, dequantize_nf4_reference
+    from qlora_plugins.nf4_kernel import dequantize_nf4, dequantize_nf4_reference
+    from qlora_plugins.quant_weights import dense_weight
 
     gen = torch.Generator().manual_seed(3)
     for dtype in (torch.bfloat16, torch.float32):
@@ -395,7 +418,7 @@ _INTERPRETED_NF4 = """
 import json, sys
 import torch
 import bitsandbytes.functional as bnbf
-from qlora_core import nf4
+from qlora_plugins import nf4_kernel as nf4
 
 gen = torch.Generator().manual_seed(5)
 results = []
@@ -452,7 +475,7 @@ def test_nf4_formula_handles_an_odd_number_of_values():
     """An odd count leaves the last packed byte half used: the formula takes only the values the shape has."""
     import bitsandbytes.functional as bnbf
 
-    from qlora_core.nf4 import dequantize_nf4_reference
+    from qlora_plugins.nf4_kernel import dequantize_nf4_reference
 
     w = torch.randn(2145, generator=torch.Generator().manual_seed(4))
     for nested in (True, False):
@@ -487,7 +510,7 @@ def test_compute_copies_follow_the_parameters():
 def test_the_fused_op_computes_the_same_with_compute_copies():
     """The fused LoRA op given the adapters' bf16 copies: the output and every gradient identical to the op
     casting the float32 adapters itself (the gradients still reach the float32 parameters)."""
-    from qlora_core.lora_fused import _ops
+    from qlora_plugins.fused_lora import _ops
 
     op = _ops()
     gen = torch.Generator().manual_seed(1)
@@ -538,7 +561,7 @@ def test_a_kernel_that_fails_to_run_falls_back_to_bitsandbytes_with_a_warning(mo
     uses bitsandbytes), and no further attempt in this process."""
     import bitsandbytes.functional as bnbf
 
-    from qlora_core import nf4
+    from qlora_plugins import nf4_kernel as nf4
 
     launches = []
 

@@ -218,7 +218,7 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
         "kernels.linear_cross_entropy_sum = spy\n"
         "job = Job(json.load(open(sys.argv[1])), plugins=['fsdp'], output_dir=sys.argv[2])\n"
         "result = job.run()\n"
-        "from qlora_core.layers import layer_policy\n"
+        "from qlora_plugins.layers import layer_policy\n"
         "print(json.dumps({'calls': len(calls), 'wrapped': job.distributed_by_plugin,\n"
         "                  'lean': layer_policy(job.model).lean,\n"
         "                  'losses': [m['loss'] for m in result.metrics if 'loss' in m]}))\n")

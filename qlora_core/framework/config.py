@@ -216,25 +216,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.sample_max_new_tokens", "int", 48,
            "tokens generated for the sample answer shown before and after training (0: no sample)", minimum=0),
     Option("train.num_threads", "int", 0, "CPU threads for torch (0: leave torch's default)", minimum=0),
-    Option("train.compile", "auto_bool", "auto",
-           "compile each decoder layer with torch.compile (auto: on CUDA without train.fused_lora; with the fused "
-           "op the layers were measured faster uncompiled: docs/performance.md)"),
-    Option("train.fused_lora", "auto_bool", "auto",
-           "compute each 4-bit linear layer and its LoRA adapter in one custom op, without PEFT's output-sized "
-           "temporaries (auto: on CUDA, where it was measured faster: docs/performance.md)"),
-    Option("train.fast_dequant", "bool", True,
-           "dequantize NF4 weights for the fused LoRA op and the lean recomputation in one Triton kernel on CUDA "
-           "(bitsandbytes' arithmetic, bit for bit) instead of bitsandbytes' three launches; false: bitsandbytes"),
     Option("train.fused_cross_entropy", "bool", True,
            "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
            "(liger-kernel's kernel on CUDA when installed)"),
-    Option("train.activation_offload", "auto_bool", "auto",
-           "with gradient checkpointing: copy each layer's saved input to CPU memory while the next layers "
-           "compute, and back before its backward (auto: on CUDA)"),
-    Option("train.lean_recompute", "bool", True,
-           "with gradient checkpointing: skip the forward matmul of each layer's output projection (MLP down "
-           "projection) in the recomputation, since backward never reads its output; checked against the full "
-           "recomputation on the first backward"),
     Option("train.packing_attention", "str", "auto",
            "with train.packing, how attention keeps packed examples apart: varlen (each micro-batch one row, the "
            "examples end to end, torch's variable-length flash attention; no filler, no mask), rows (rows of up "
@@ -248,9 +232,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.adapter_compute_copy", "bool", True,
            "with train.flat_params and the fused LoRA op: keep the adapters' copy in the compute dtype (bf16), "
            "refreshed once a step after the optimizer, instead of casting each float32 adapter matrix at each use"),
-    Option("train.gpu_memory_budget", "float", 0.0,
-           "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
-           "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),
 )
 
 

@@ -36,6 +36,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "chat-format",
     "rich-progress",
     "adapter-export",
+    "fused-lora",
+    "compile-layers",
 )
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from qlora_core.framework.config import auto_on
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed,
@@ -440,22 +439,6 @@ class Job:
         torch.manual_seed(cfg["train.seed"])
         self.model = get_peft_model(model, lora)
         self.hook.qlora_adapter_model(model=self.model, config=cfg)
-        cuda = self.device == "cuda"
-        fused = auto_on(cfg["train.fused_lora"], cuda)
-        self.fused_lora = fused
-        from qlora_core import nf4
-
-        nf4.set_enabled(cfg["train.fast_dequant"])
-        if fused:
-            from qlora_core.lora_fused import fuse_lora_layers
-
-            fuse_lora_layers(self.model)
-        # auto: compiled on CUDA, except around the fused LoRA op, where the layers measured faster without
-        # (11,478 compiled against 11,831 tokens/s on the Llama-3-8B shape: docs/performance.md).
-        if auto_on(cfg["train.compile"], cuda and not fused):
-            from qlora_core.layers import compile_layers
-
-            compile_layers(self.model)
         return self.model
 
     @classmethod
@@ -833,57 +816,6 @@ class Job:
         width = cfg["train.max_seq_length"] if cfg["train.packing"] else min(longest, cfg["train.max_seq_length"])
         return size * width
 
-    def _reserve_offload(self) -> None:
-        """Tell the activation offload the largest micro-batch to expect (tokens), so its pinned CPU buffers are
-        allocated once rather than regrown as ragged batches bring longer ones."""
-        from qlora_core.layers import reserve_offload
-
-        reserve_offload(self.model, self._max_micro_batch_tokens())
-
-    def _layer_notices(self, run: Run, model) -> None:
-        from qlora_core.layers import layer_policy
-
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(inner, "_qlora_liger", None) == "missing":
-            self.hook.qlora_on_notice(run=run, message="liger-kernel is not installed: training without its fused "
-                                                       "kernels (pip install 'qlora[gpu]')")
-        policy = layer_policy(model)
-        if policy is not None and run.device != "cpu":
-            self.hook.qlora_on_notice(run=run, message=f"decoder layers: {policy.describe()}")
-
-    def _start_budget(self, model, device) -> bool:
-        """Before the first step under ``train.gpu_memory_budget``: measure one recomputed layer's activations."""
-        import torch
-
-        from qlora_core.layers import layer_policy, layer_state
-
-        policy = layer_policy(model)
-        if self.config["train.gpu_memory_budget"] <= 0 or device.type != "cuda" or not policy \
-                or not policy.checkpointed:
-            return False
-        layer_state(model).measure_next = True
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-
-    def _apply_budget(self, run: Run, model, device) -> None:
-        """After the first step: keep the activations of as many layers as ``train.gpu_memory_budget`` allows."""
-        import torch
-
-        from qlora_core.layers import layer_policy, layer_state, layers_within_budget, set_checkpointed_layers
-
-        state, policy = layer_state(model), layer_policy(model)
-        per_layer = state.layer_activation_bytes
-        if not per_layer:
-            return
-        budget = self.config["train.gpu_memory_budget"] * 2**30
-        peak = torch.cuda.max_memory_allocated(device)
-        keep = layers_within_budget(policy.checkpointed, peak, per_layer, budget)
-        set_checkpointed_layers(model, keep)
-        self.hook.qlora_on_notice(
-            run=run, message=f"train.gpu_memory_budget {budget / 2**30:g} GiB: peak {peak / 2**30:.1f} GiB with every "
-                             f"layer recomputed, {per_layer / 2**30:.2f} GiB per layer kept; "
-                             f"{policy.checkpointed - keep} of {policy.layers} layers now keep their activations")
-
     def _oom_message(self, run: Run, size: int) -> str:
         from qlora_core.loop.checkpoint import latest_checkpoint
 
@@ -917,8 +849,6 @@ class Job:
                 hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
             self._show_sample(run, "before")
         run.step = state.step
-        self._layer_notices(run, model)
-        self._reserve_offload()
         hook.qlora_on_train_start(run=run)
         if flat is not None:
             flat.sync_compute_copies()  # the parameters as they are now (a resumed checkpoint's, a callback's)
@@ -937,10 +867,7 @@ class Job:
             examples = self._step_examples(state.examples_seen, per_step, rank, world)
             lr = scheduler.get_last_lr()[0]
             hook.qlora_on_step_begin(run=run, step=step)
-            budgeting = step == state.step + 1 and self._start_budget(model, device)
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
-            if budgeting:
-                self._apply_budget(run, model, device)
             hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
             grad_norm = None
             if flat is not None:

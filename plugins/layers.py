@@ -1,5 +1,5 @@
 """How the decoder layers run during training: recomputed or not, their saved inputs offloaded or not, compiled
-or not.
+or not (the engine of the ``gradient-checkpointing`` and ``compile-layers`` plugins).
 
 Gradient checkpointing keeps only each decoder layer's input and recomputes the layer in the backward pass.
 :func:`checkpoint_layers` does it with a custom autograd function instead of transformers' own checkpointing so
@@ -24,9 +24,10 @@ the same code.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from qlora_plugins.quant_weights import dense_weight, register_quant_weight
 
 
 def decoder_layers(model) -> list:
@@ -127,56 +128,6 @@ class _State:
 
 #: Names of a decoder layer's output projection: the MLP's last linear, whose output only joins the residual.
 OUTPUT_PROJECTIONS = ("down_proj", "fc2", "w2", "dense_4h_to_h")
-
-
-#: Frozen linear layers whose weights custom ops receive (the lean output projections, the fused LoRA layers),
-#: by their weight's address: an op's arguments can only be tensors and plain values, so its implementation
-#: finds the bitsandbytes quantization state here.
-_BY_ADDRESS: dict[int, Any] = {}
-_REGISTERED: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def register_quant_weight(module) -> None:
-    """Let :func:`quant_state_of` find ``module.weight``'s quantization state from the weight tensor alone."""
-    _REGISTERED.add(module)
-    _BY_ADDRESS[module.weight.data_ptr()] = weakref.ref(module)
-
-
-def quant_state_of(weight):
-    """The bitsandbytes quantization state of a registered 4-bit weight (None for a plain weight)."""
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        return state
-    ref = _BY_ADDRESS.get(weight.data_ptr())
-    module = ref() if ref is not None else None
-    if module is None or module.weight.data_ptr() != weight.data_ptr():  # moved since it was registered
-        _BY_ADDRESS.clear()
-        for m in list(_REGISTERED):
-            _BY_ADDRESS[m.weight.data_ptr()] = weakref.ref(m)
-        ref = _BY_ADDRESS.get(weight.data_ptr())
-        module = ref() if ref is not None else None
-    if module is None:
-        return None
-    return getattr(module.weight, "quant_state", None)
-
-
-def dense_weight(weight, dtype):
-    """A frozen linear layer's weight as a dense matrix in ``dtype``: dequantized when it is a registered 4-bit
-    weight (:func:`quant_state_of`; NF4 on CUDA by :mod:`qlora_core.nf4`'s single kernel), else the weight
-    itself."""
-    quant_state = quant_state_of(weight)
-    if quant_state is None:
-        return weight.to(dtype)
-    if weight.is_cuda:
-        from qlora_core import nf4
-
-        if nf4.enabled:
-            dense = nf4.dequantize_nf4(weight, quant_state)  # one kernel launch, the same bits
-            if dense is not None:
-                return dense.to(dtype)
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
 
 
 _OPS: Any = None

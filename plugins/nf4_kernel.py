@@ -1,4 +1,4 @@
-"""NF4 weights dequantized in one kernel launch.
+"""NF4 weights dequantized in one kernel launch (the ``fused-lora`` plugin's ``train.fast_dequant``).
 
 bitsandbytes' ``dequantize_4bit`` on a double-quantized weight is several launches from Python: the 8-bit
 block scales are dequantized into a new float tensor (one kernel), the offset is added to it (another), and the
@@ -32,8 +32,10 @@ _KERNEL: Any = None
 #: On the H200 (docs/bench/2026-11-28-nf4-sweep.json) 2048 x 4 was among the fastest; so was a form reading
 #: each byte once and writing its two values with ``tl.interleave`` (not kept: no clear gain, twice the code).
 BLOCK, WARPS = 2048, 4
-#: Whether :func:`qlora_core.layers.dense_weight` uses this kernel (``train.fast_dequant``; the trainer sets it).
-enabled = True
+#: Whether :func:`qlora_plugins.quant_weights.dense_weight` uses this kernel: the ``fused-lora`` plugin sets it
+#: from ``train.fast_dequant`` for its run and clears it when the run ends, so a run without that plugin (or
+#: after one) dequantizes through bitsandbytes.
+enabled = False
 
 
 def set_enabled(on: bool) -> None:

@@ -1,5 +1,9 @@
-"""LoRA on a 4-bit linear layer as one operation: the frozen base matmul and the adapter in the same forward and
-backward.
+"""The ``fused-lora`` plugin: LoRA on a 4-bit linear layer as one operation, the frozen base matmul and the
+adapter in the same forward and backward (``train.fused_lora``), its NF4 weights dequantized in one kernel
+launch (``train.fast_dequant``, :mod:`qlora_plugins.nf4_kernel`).
+
+On by default; ``--plugin no:fused-lora`` leaves every LoRA layer to PEFT's forward and the NF4 weights to
+bitsandbytes' dequantization.
 
 PEFT computes a LoRA layer on a bitsandbytes ``Linear4bit`` as ``base(x).clone() + lora_B(lora_A(dropout(x)))
 * scaling``: the base output is copied, the adapter's output is made, scaled and added, each a pass over an
@@ -13,21 +17,27 @@ epilogue reads the output while the matmul's compute hides it: one pass over the
 adapter afterwards: +1.3 to 2.6% tokens/s at 8B), and a backward that does the same for the input gradient
 (``dx = dy @ dequant(W) + scaling * (dy @ B) @ A``) and computes the adapter's gradients from small rank-r
 products. Same maths (bf16 products, rounded at other points than PEFT's: the GPU check's gradients agree
-within 1.1%), no output-sized temporaries. The adapters come in bf16 from the trainer's copy
-(:meth:`qlora_core.flat.FlatParams.add_compute_copies`) when it keeps one. Layers it does not cover (several
-adapters, DoRA and other variants, a merged or disabled adapter, inputs not in the compute dtype) and
-evaluation (the model in eval mode) keep PEFT's own forward.
+within 1.1%), no output-sized temporaries. The adapters come in bf16 from their kept copy
+(``param.qlora_compute_copy``, made by the ``flat-params`` plugin under ``train.adapter_compute_copy``) when
+there is one. Layers it does not cover (several adapters, DoRA and other variants, a merged or disabled adapter,
+inputs not in the compute dtype) and evaluation (the model in eval mode) keep PEFT's own forward. A fused
+layer's forward function carries ``_qlora_fused = True`` (:func:`fused_count` counts them; the ``flat-params``
+plugin reads it to know whether the adapters' compute copy is read).
 
 The forward and the backward are custom ops (``qlora::lora_4bit``, ``qlora::lora_4bit_backward``) that
 torch.compile traces around without a graph break and without looking inside. Two earlier forms failed on the
 H200 inside compiled layers: an autograd function traced by torch.compile gave wrong adapter gradients, and the
 same function kept out of the graph received a flattened input at its graph break (``benchmarks/fused_check.py``,
-docs/performance.md). The ops dequantize the weight through :func:`qlora_core.layers.dense_weight`.
+docs/performance.md). The ops dequantize the weight through :func:`qlora_plugins.quant_weights.dense_weight`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from qlora_core import Option, auto_on, hookimpl
+from qlora_plugins import nf4_kernel
+from qlora_plugins.quant_weights import dense_weight, register_quant_weight
 
 _OPS: Any = None
 
@@ -39,8 +49,6 @@ def _ops():
     if _OPS is not None:
         return _OPS
     import torch
-
-    from qlora_core.layers import dense_weight
 
     @torch.library.custom_op("qlora::lora_4bit", mutates_args=(),
                              schema="(Tensor x, Tensor xd, Tensor weight, Tensor? bias, Tensor lora_a, "
@@ -118,13 +126,13 @@ def _ops():
 
 
 def _in_dtype(param, copy, dtype):
-    """An adapter matrix in the compute dtype: its kept copy (:meth:`FlatParams.add_compute_copies`) when the
-    trainer keeps one, else cast now."""
+    """An adapter matrix in the compute dtype: its kept copy (``param.qlora_compute_copy``) when the run keeps
+    one, else cast now."""
     return copy if copy is not None else param.to(dtype)
 
 
 def _copy_in(param, dtype):
-    """``param``'s compute-dtype copy kept by the trainer, if it has one in ``dtype``."""
+    """``param``'s compute-dtype copy kept for the run (``qlora_compute_copy``), if it has one in ``dtype``."""
     copy = getattr(param, "qlora_compute_copy", None)
     return copy if copy is not None and copy.dtype == dtype else None
 
@@ -166,8 +174,6 @@ def fuse_lora_layers(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:
         return 0
-    from qlora_core.layers import register_quant_weight
-
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and not getattr(module.forward, "_qlora_fused", False):
@@ -175,3 +181,55 @@ def fuse_lora_layers(model) -> int:
             module.forward = _fused_forward(module)
             count += 1
     return count
+
+
+def fused_count(model) -> int:
+    """How many of ``model``'s layers run the fused forward (0 when the plugin is off or fused nothing)."""
+    return sum(1 for module in model.modules() if getattr(module.forward, "_qlora_fused", False))
+
+
+def _on_cuda(model) -> bool:
+    """Whether the run computes on CUDA: where the model's weights are."""
+    return any(p.is_cuda for p in model.parameters())
+
+
+@hookimpl
+def qlora_config_options():
+    return [
+        Option("train.fused_lora", "auto_bool", "auto",
+               "compute each 4-bit linear layer and its LoRA adapter in one custom op, without PEFT's output-sized "
+               "temporaries (auto: on CUDA, where it was measured faster: docs/performance.md)"),
+        Option("train.fast_dequant", "bool", True,
+               "dequantize NF4 weights for the fused LoRA op and the lean recomputation in one Triton kernel on "
+               "CUDA (bitsandbytes' arithmetic, bit for bit) instead of bitsandbytes' three launches; false: "
+               "bitsandbytes"),
+    ]
+
+
+@hookimpl
+def qlora_adapter_model(model, config) -> None:
+    nf4_kernel.set_enabled(config["train.fast_dequant"])
+    if auto_on(config["train.fused_lora"], _on_cuda(model)):
+        fuse_lora_layers(model)
+
+
+@hookimpl
+def qlora_on_train_end(run, summary) -> None:
+    nf4_kernel.set_enabled(False)  # the kernel is this run's choice: the next run (or none) makes its own
+
+
+@hookimpl
+def qlora_on_train_failed(run, error, status) -> None:
+    nf4_kernel.set_enabled(False)
+
+
+@hookimpl
+def qlora_bench_variants():
+    return {
+        "qlora-fused-lora": {"help": "PEFT's LoRA forward instead of the fused 4-bit + LoRA op (and so, by "
+                                     "train.compile's auto, compiled layers: the previous defaults)",
+                             "set": ["train.fused_lora=false"], "ablation": True},
+        "qlora-fast-dequant": {"help": "bitsandbytes' dequantization (three launches) instead of qlora's single "
+                                       "NF4 kernel (train.fast_dequant=false)", "set": ["train.fast_dequant=false"],
+                               "ablation": True},
+    }
