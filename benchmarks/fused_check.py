@@ -36,7 +36,7 @@ def check_loss(results: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, h, v = 4096, 4096, 128256
@@ -97,7 +97,8 @@ def check_layers(results: dict) -> None:
 
     from qlora_core.layers import checkpoint_layers, compile_layers, set_checkpointed_layers
     from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
-    from qlora_core.loop.job import Job, _token_loss_sum
+    from qlora_core.loop.job import Job
+    from qlora_plugins.fused_loss import token_loss_sum
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
     folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")
@@ -138,7 +139,7 @@ def check_layers(results: dict) -> None:
             ids = torch.randint(0, 1000, (2, 1024), generator=g).cuda()
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = _token_loss_sum(model, batch)
+                loss, _ = token_loss_sum(model, batch)
             loss.backward()
             torch.cuda.synchronize()
             if "lean" in name:  # the first backward checked the lean recomputation; a second one uses it
@@ -147,7 +148,7 @@ def check_layers(results: dict) -> None:
                 lean_ok = layer_policy(model).lean
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss, _ = _token_loss_sum(model, batch)
+                    loss, _ = token_loss_sum(model, batch)
                 loss.backward()
                 torch.cuda.synchronize()
                 lean_status[name] = lean_ok

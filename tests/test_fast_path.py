@@ -12,7 +12,7 @@ from qlora_core.loop.job import Job
 
 
 def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradients():
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -30,7 +30,7 @@ def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradien
 
 
 def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(10, 8, generator=g, requires_grad=True)
@@ -47,10 +47,10 @@ def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
 
 
 def _loss_and_grads(job, model, batch, fused=True):
-    from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.fused_loss import token_loss_sum
 
     model.zero_grad(set_to_none=True)
-    loss, _ = _token_loss_sum(model, batch, fused)
+    loss, _ = token_loss_sum(model, batch, fused)
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -97,7 +97,7 @@ def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path)
     """Recomputed layers hold no activations between forward and backward: fewer saved tensors."""
     from qlora_core.loop.data import collate
     from qlora_core.layers import set_checkpointed_layers
-    from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.fused_loss import token_loss_sum
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()
@@ -114,7 +114,7 @@ def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = _token_loss_sum(model, batch)
+            loss, _ = token_loss_sum(model, batch)
         loss.backward()
         return total
 

@@ -16,6 +16,7 @@ from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, colla
                              padding_waste, real_tokens)
 from qlora_core.framework.errors import UsageError
 from qlora_core.loop.job import Job, model_inputs, _token_loss_sum, check_packed_attention
+from qlora_plugins import fused_loss
 
 from conftest import write_jsonl
 
@@ -109,9 +110,17 @@ def lora_model(tiny_config, tmp_path):
     return model
 
 
+def token_loss(model, batch):
+    """The loss as a run computes it: the fused-loss plugin's (the head on the answer positions), or the core's
+    (the model's logits) for a model the plugin does not serve."""
+    with trainer_module._packed_context(batch):
+        found = fused_loss.token_loss_sum(model, batch)
+        return found if found is not None else _token_loss_sum(model, batch)
+
+
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss, n = _token_loss_sum(model, batch)
+    loss, n = token_loss(model, batch)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()), n, grads
@@ -120,7 +129,7 @@ def loss_and_grads(model, batch):
 @pytest.mark.parametrize("head", ["answer-positions", "full-logits"])
 def test_a_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_model, head, monkeypatch):
     if head == "full-logits":  # the path of architectures whose head cannot run on chosen positions only
-        monkeypatch.setattr(trainer_module, "_PLAIN_HEAD_MODELS", frozenset())
+        monkeypatch.setattr(fused_loss, "_PLAIN_HEAD_MODELS", frozenset())
     model = lora_model
     model.train()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
@@ -230,20 +239,18 @@ def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config,
     """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens (in rows of
     up to max_seq_length): the step's short examples take fewer forward passes, and the step (same examples)
     trains the same."""
-    import qlora_core.loop.job as trainer
-
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                         max_seq_length=64, sample_max_new_tokens=0)
     calls = []
-    real = trainer._token_loss_sum
+    real = fused_loss.token_loss_sum
 
     def counting(model, batch, fused=True):
         if model.training:
             calls.append(batch["input_ids"].shape)
         return real(model, batch, fused)
 
-    monkeypatch.setattr(trainer, "_token_loss_sum", counting)
+    monkeypatch.setattr(fused_loss, "token_loss_sum", counting)
     padded = Job(cfg, output_dir=tmp_path / "padded").run()
     padded_calls, calls[:] = list(calls), []
     packed = Job(cfg, overrides=["train.packing=true"], output_dir=tmp_path / "packed").run()
@@ -312,7 +319,7 @@ def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_p
 def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model):
     """Under DDP/FSDP the loss runs inside the wrapper's forward (install_loss_forward): it must pass
     cu_seq_lens on, or the examples would attend to each other; a packed forward without them is an error."""
-    from qlora_core.loop.job import install_loss_forward
+    from qlora_plugins.fused_loss import install_loss_forward
 
     class Wrapper(torch.nn.Module):  # what DDP and FSDP look like to the trainer: the model as .module
         def __init__(self, module):
@@ -326,12 +333,12 @@ def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model
     model.eval()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
     with torch.no_grad():
-        pad_loss, _ = _token_loss_sum(model, collate(examples, pad_token_id=0))
+        pad_loss, _ = token_loss(model, collate(examples, pad_token_id=0))
         assert install_loss_forward(model)
         batch = collate_packed(examples, varlen=True)
         before = varlen.use_varlen(model)
         try:
-            wrapped, _ = _token_loss_sum(Wrapper(model), batch)
+            wrapped, _ = token_loss(Wrapper(model), batch)
             assert float(wrapped) == pytest.approx(float(pad_loss), rel=1e-5)
             dropped = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
             with varlen.packed_forward(), pytest.raises(RuntimeError, match="without cu_seq_lens_q"):

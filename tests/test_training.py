@@ -313,14 +313,14 @@ def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, 
     import torch.nn.functional as F
 
     from qlora_core.loop.data import collate
-    from qlora_core.loop.job import _plain_head_model, _token_loss_sum
+    from qlora_plugins.fused_loss import _plain_head_model, token_loss_sum
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()
     model = job.load_model()
     assert _plain_head_model(model) is not None  # the fast path is the one under test
     batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
-    loss, n = _token_loss_sum(model, batch)
+    loss, n = token_loss_sum(model, batch)
     loss.backward()
     fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

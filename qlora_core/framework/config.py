@@ -225,9 +225,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.fast_dequant", "bool", True,
            "dequantize NF4 weights for the fused LoRA op and the lean recomputation in one Triton kernel on CUDA "
            "(bitsandbytes' arithmetic, bit for bit) instead of bitsandbytes' three launches; false: bitsandbytes"),
-    Option("train.fused_cross_entropy", "bool", True,
-           "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
-           "(liger-kernel's kernel on CUDA when installed)"),
     Option("train.activation_offload", "auto_bool", "auto",
            "with gradient checkpointing: copy each layer's saved input to CPU memory while the next layers "
            "compute, and back before its backward (auto: on CUDA)"),

@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "chat-format",
     "rich-progress",
     "adapter-export",
+    "fused-loss",
 )
 
 

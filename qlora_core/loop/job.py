@@ -185,26 +185,6 @@ def parameter_count(model) -> int:
     return total
 
 
-# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping or scaling.
-_PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def _plain_head_model(model) -> Any:
-    """The causal LM under a PEFT wrapper when its head can be applied to chosen positions only, else None.
-
-    Not under DDP/FSDP wrappers (they have a ``module``): their gradient synchronisation and FSDP's gathering
-    of sharded weights run through the wrapper's forward.
-    """
-    if hasattr(model, "module"):
-        return None
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD_MODELS:
-        return None
-    if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
-        return None
-    return inner
-
-
 def model_inputs(batch) -> dict[str, Any]:
     """The model's keyword arguments for a micro-batch made by ``collate`` (padded) or ``collate_packed``.
 
@@ -228,88 +208,16 @@ def _packed_context(batch):
     return packed_forward()
 
 
-def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, int]":
-    """Sum of the next-token cross-entropy over the batch's answer tokens, and their number.
-
-    The output head runs on the answer positions only where the architecture allows it: the prompt's logits
-    are never needed, and with a large vocabulary they are most of the step's memory (batch x seq x vocab).
-    With ``fused`` the head and the loss run chunk by chunk (:func:`qlora_core.kernels.linear_cross_entropy_sum`)
-    and not even the answers' logits are kept.
-    """
+def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
+    """The core's loss, when no plugin's :func:`~qlora_core.hookspecs.qlora_compute_loss` answers: the sum of the
+    next-token cross-entropy over the batch's answer tokens, from the model's logits, and their number."""
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    causal = _plain_head_model(model)
-    with _packed_context(batch):
-        if causal is not None:
-            loss = _answer_loss_sum(causal, model_inputs(batch), batch["labels"], fused)
-        elif fused and _loss_forward_installed(model):
-            # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
-            # inside it, with the fused head, and the logits are never made.
-            loss = model(**model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
-        else:
-            logits = model(**model_inputs(batch)).logits
-            loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    logits = model(**model_inputs(batch)).logits
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
-
-
-def _fusable_head(head) -> bool:
-    """Whether the output head is a plain linear layer the fused head + loss can take the weight of."""
-    import torch
-
-    return type(head) is torch.nn.Linear and head.bias is None
-
-
-def _answer_loss_sum(causal, inputs: dict[str, Any], labels, fused: bool):
-    """The summed next-token loss of a plain-head causal LM, its head run on the answer positions only (with
-    ``fused`` and a plain linear head, chunk by chunk: :func:`qlora_core.kernels.linear_cross_entropy_sum`)."""
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden = causal.get_decoder()(**inputs).last_hidden_state
-    head = causal.get_output_embeddings()
-    selected = hidden[:, :-1][keep]
-    if fused and _fusable_head(head):
-        from qlora_core.kernels import linear_cross_entropy_sum
-
-        return linear_cross_entropy_sum(selected, head.weight, targets[keep])
-    return F.cross_entropy(head(selected).float(), targets[keep], reduction="sum")
-
-
-def _loss_forward_installed(model) -> bool:
-    inner = getattr(model, "module", None)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return bool(getattr(inner, "_qlora_loss_forward", False))
-
-
-def install_loss_forward(model) -> bool:
-    """Give the causal LM under ``model`` (a PEFT model, before a DDP/FSDP wrapper) a forward that, called with
-    ``qlora_token_loss_sum=True`` and ``labels``, returns only the summed token loss (the answer positions through
-    the fused head and cross-entropy, :func:`qlora_core.kernels.linear_cross_entropy_sum`); any other call runs
-    the model's own forward. False for architectures whose head is not a plain linear layer."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal = _plain_head_model(inner)
-    if causal is None or getattr(causal, "_qlora_loss_forward", False):
-        return causal is not None
-    if not _fusable_head(causal.get_output_embeddings()):
-        return False
-    original = causal.forward
-
-    def forward(*args, qlora_token_loss_sum: bool = False, **kwargs):
-        if not qlora_token_loss_sum:
-            return original(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        # Everything the trainer passed (model_inputs: ids, masks, positions, varlen bounds) goes to the decoder.
-        labels = kwargs.pop("labels")
-        return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(kwargs, use_cache=False), labels,
-                                                           fused=True))
-
-    causal.forward = forward
-    causal._qlora_loss_forward = True
-    return True
 
 
 def _busiest_gpu_peak_gib(device, world: int) -> float:
@@ -646,8 +554,6 @@ class Job:
                 raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
                                  f"(checkpoints are written every train.save_steps steps)")
             load_adapter_weights(ckpt, self.model)  # before a plugin shards the model
-        if cfg["train.fused_cross_entropy"]:
-            install_loss_forward(self.model)  # a DDP/FSDP wrapper's forward must run: the fused loss goes inside
         model = self.hook.qlora_distribute_model(model=self.model, accelerator=accelerator, config=cfg)
         self.distributed_by_plugin = model is not None
         if model is None:
@@ -857,10 +763,10 @@ class Job:
         :func:`~qlora_core.hookspecs.qlora_compute_loss`, else the core's cross-entropy."""
         with _packed_context(batch):
             found = self.hook.qlora_compute_loss(model=model, batch=batch, config=self.config)
-        if found is not None:
-            loss, n = found
-            return loss, int(n)
-        return _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
+            if found is not None:
+                loss, n = found
+                return loss, int(n)
+            return _token_loss_sum(model, batch)
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
