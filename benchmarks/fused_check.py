@@ -181,7 +181,7 @@ def check_varlen(results: dict) -> None:
     different packings, the second one recompiled with a dynamic length)."""
     import torch
 
-    from qlora_core import varlen
+    from qlora_plugins import varlen_packing as varlen
 
     def attention(q, k, v, cu):
         with varlen.packed_forward():

@@ -232,12 +232,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "with gradient checkpointing: skip the forward matmul of each layer's output projection (MLP down "
            "projection) in the recomputation, since backward never reads its output; checked against the full "
            "recomputation on the first backward"),
-    Option("train.packing_attention", "str", "auto",
-           "with train.packing, how attention keeps packed examples apart: varlen (each micro-batch one row, the "
-           "examples end to end, torch's variable-length flash attention; no filler, no mask), rows (rows of up "
-           "to train.max_seq_length tokens, block-diagonal masks, filler segments), auto (varlen on CUDA when "
-           "torch has the kernel and the model's attention is plain causal attention, else rows)",
-           choices=("auto", "varlen", "rows")),
     Option("train.flat_params", "bool", True,
            "gather the trainable parameters and their gradients into one buffer per dtype, so the optimizer "
            "and gradient clipping step one tensor instead of one per adapter matrix (not with DDP); set false "

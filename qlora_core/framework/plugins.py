@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rich-progress",
     "adapter-export",
     "fused-loss",
+    "varlen-packing",
 )
 
 
