@@ -464,7 +464,7 @@ def test_nf4_formula_handles_an_odd_number_of_values():
 def test_compute_copies_follow_the_parameters():
     """FlatParams' bf16 copies of float32 adapters: equal to a cast after creation and after each sync, stale
     in between (the trainer syncs after every optimizer step), gone after drop."""
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((8, 16), (16, 8), (3,))]
@@ -512,7 +512,7 @@ def test_the_fused_op_computes_the_same_with_compute_copies():
 def test_training_with_compute_copies_matches_casting_each_use(tiny_config, tmp_path, monkeypatch):
     """bf16 compute with the fused op and flat parameters: three steps with the kept bf16 copies give the
     losses of three steps casting the adapters at each use, so the copies follow every optimizer step."""
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     def losses(name, *extra):
         job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",
@@ -570,8 +570,8 @@ def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, mon
         seen.extend(p for p in job.model.parameters() if hasattr(p, "qlora_compute_copy"))
         raise RuntimeError("the run failed")
 
-    if where == "in the loop":
-        monkeypatch.setattr(trainer.Job, "_loop", fail)
+    if where == "in the loop":  # its first step: the copies were made when training started
+        monkeypatch.setattr(trainer.Job, "_forward_backward", fail)
     else:  # the run record is started after the optimizer and the flat buffer are made
         monkeypatch.setattr(trainer.RunRecord, "start", fail)
     job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",

@@ -272,7 +272,7 @@ def test_flat_gradients_are_all_reduced_in_their_own_buffer():
     import torch
 
     from plugins.fsdp import _one_buffer
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 8), (8, 4), (3,))]
     flat = FlatParams(params)

@@ -350,8 +350,9 @@ def test_flat_params_train_exactly_as_one_tensor_at_a_time(tiny_config, tmp_path
         job.load_model()
         before = trainable(job.model)
         result = job.run()
+        plugin = next(i.plugin for i in job.plugins.infos if i.name == "flat-params")
         runs[flat] = (before, trainable(job.model), [m["loss"] for m in result.metrics if "loss" in m],
-                      job._flat)
+                      plugin.flat)
     before, after, losses, flat = runs[True]
     ref_before, ref_after, ref_losses, none = runs[False]
     assert none is None and flat is not None and len(flat.params) == 1  # one fp32 buffer
@@ -369,7 +370,7 @@ def test_flat_params_train_exactly_as_one_tensor_at_a_time(tiny_config, tmp_path
 
 
 def test_flat_params_collect_gradients_that_were_replaced_or_cleared():
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     a = torch.nn.Parameter(torch.ones(2, 3))
     b = torch.nn.Parameter(torch.full((4,), 2.0))

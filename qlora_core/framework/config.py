@@ -232,13 +232,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
            "with gradient checkpointing: skip the forward matmul of each layer's output projection (MLP down "
            "projection) in the recomputation, since backward never reads its output; checked against the full "
            "recomputation on the first backward"),
-    Option("train.flat_params", "bool", True,
-           "gather the trainable parameters and their gradients into one buffer per dtype, so the optimizer "
-           "and gradient clipping step one tensor instead of one per adapter matrix (not with DDP); set false "
-           "for an optimizer plugin that needs each matrix's shape"),
-    Option("train.adapter_compute_copy", "bool", True,
-           "with train.flat_params and the fused LoRA op: keep the adapters' copy in the compute dtype (bf16), "
-           "refreshed once a step after the optimizer, instead of casting each float32 adapter matrix at each use"),
     Option("train.gpu_memory_budget", "float", 0.0,
            "GiB the step may use: layers beyond what gradient checkpointing needs to stay within it keep their "
            "activations (faster); 0: recompute every layer (leanest)", minimum=0.0),

@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapter-export",
     "fused-loss",
     "varlen-packing",
+    "flat-params",
 )
 
 

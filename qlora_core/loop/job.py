@@ -316,7 +316,6 @@ class Job:
                  overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False,
                  resume: str | Path | None = None):
         self._resume_from: Path | None = None
-        self._flat = None  # the trainable parameters gathered for the optimizer (train.flat_params), once running
         if resume is not None:
             if config is not None or plugins:
                 raise UsageError("--resume continues a run with its own config.yaml and plugins; give no CONFIG "
@@ -566,16 +565,8 @@ class Job:
             model = accelerator.prepare_model(self.model, device_placement=False)
         params = [p for p in model.parameters() if p.requires_grad]
         chosen = self.hook.qlora_optimizer_params(params=params, model=model, config=cfg)
-        self._flat = None
         if chosen is not None:
-            params = list(chosen)
-        elif cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
-            # DDP keeps per-tensor gradient buckets of its own; a plugin's wrapper (fsdp) leaves the adapters
-            # as they are, so they can be gathered like an unwrapped model's.
-            from qlora_core.flat import FlatParams
-
-            self._flat = FlatParams(params)
-            params = self._flat.params
+            params = list(chosen)  # what the optimizer steps and gradient clipping works on
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
@@ -631,24 +622,14 @@ class Job:
             record.resume(cfg, self.plugins, state.step)
         else:
             record.start(cfg, self.plugins)
-        flat = self._flat
         try:
-            # The adapters' bf16 copy for the fused op (one cast a step, not four per layer), made here so
-            # that however the run ends the finally below removes it: a copy left on the parameters would
-            # be read, stale, by a later run or forward that does not keep one.
-            if flat is not None and self.fused_lora and cfg["train.adapter_compute_copy"] \
-                    and self.compute_dtype != torch.float32:
-                flat.add_compute_copies(self.compute_dtype)
             with deterministic(cfg["train.deterministic"]):
-                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
+                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params)
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             record.finish(status, error=e)
             self.hook.qlora_on_train_failed(run=run, error=e, status=status)
             raise
-        finally:
-            if flat is not None:
-                flat.drop_compute_copies()
         record.finish("completed")
         return result
 
@@ -914,7 +895,9 @@ class Job:
                 f"checkpointing on, or add --plugin cpu-offload{kept}")
 
     def _loop(self, run: Run, model, optimizer, scheduler, accelerator, record: "RunRecord", state: "TrainState",
-              rng: dict | None) -> RunResult:
+              rng: dict | None, params: list) -> RunResult:
+        """The steps, the evaluations, the checkpoints and the exports; ``params``: what the optimizer steps (and
+        gradient clipping works on)."""
         import torch
 
         from qlora_core.loop.checkpoint import save_checkpoint, set_rng_state
@@ -923,8 +906,6 @@ class Job:
         hook = self.hook
         device = accelerator.device
         world, rank = accelerator.num_processes, accelerator.process_index
-        flat = self._flat
-        params = flat.params if flat is not None else [p for p in model.parameters() if p.requires_grad]
         per_step = self._examples_per_step(world)
         n = len(self.train_examples)
         if state.step == 0:
@@ -938,8 +919,6 @@ class Job:
         self._layer_notices(run, model)
         self._reserve_offload()
         hook.qlora_on_train_start(run=run)
-        if flat is not None:
-            flat.sync_compute_copies()  # the parameters as they are now (a resumed checkpoint's, a callback's)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
@@ -961,17 +940,11 @@ class Job:
                 self._apply_budget(run, model, device)
             hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
             grad_norm = None
-            if flat is not None:
-                flat.collect()
             if cfg["train.max_grad_norm"] > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
             optimizer.step()
             scheduler.step()
-            if flat is not None:
-                flat.sync_compute_copies()
-                flat.zero_grad()
-            else:
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             epoch_before = state.examples_seen // n
             state.examples_seen += per_step
             state.step = run.step = step
