@@ -800,11 +800,6 @@ class Job:
                         # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
                         accelerator.backward(part * world / n_targets)
                     loss_sum += part.detach().double()
-                # A distributing plugin's gradient synchronisation that runs once the step's gradients are
-                # complete (the fsdp plugin's averaging of the unsharded adapters).
-                after_backward = getattr(model, "_qlora_after_backward", None)
-                if after_backward is not None:
-                    after_backward()
             except torch.OutOfMemoryError:
                 del batches
                 model.zero_grad(set_to_none=True)
