@@ -36,7 +36,7 @@ def check_loss(results: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, h, v = 4096, 4096, 128256
@@ -95,8 +95,9 @@ def check_layers(results: dict) -> None:
 
     import torch
 
-    from qlora_core.loop.job import Job, _token_loss_sum
+    from qlora_core.loop.job import Job
     from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
+    from qlora_plugins.fused_loss import token_loss_sum
     from qlora_plugins.layers import checkpoint_layers, compile_layers, layer_policy, set_checkpointed_layers
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
@@ -138,14 +139,14 @@ def check_layers(results: dict) -> None:
             ids = torch.randint(0, 1000, (2, 1024), generator=g).cuda()
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, _ = _token_loss_sum(model, batch)
+                loss, _ = token_loss_sum(model, batch)
             loss.backward()
             torch.cuda.synchronize()
             if "lean" in name:  # the first backward checked the lean recomputation; a second one uses it
                 lean_ok = layer_policy(model).lean
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss, _ = _token_loss_sum(model, batch)
+                    loss, _ = token_loss_sum(model, batch)
                 loss.backward()
                 torch.cuda.synchronize()
                 lean_status[name] = lean_ok
@@ -178,7 +179,7 @@ def check_varlen(results: dict) -> None:
     different packings, the second one recompiled with a dynamic length)."""
     import torch
 
-    from qlora_core import varlen
+    from qlora_plugins import varlen_packing as varlen
 
     def attention(q, k, v, cu):
         with varlen.packed_forward():

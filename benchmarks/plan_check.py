@@ -6,8 +6,8 @@ output head becomes a bitsandbytes ``Linear4bit`` quantized from random bf16 wei
 at a time, and the rest (embeddings, norms, head) is drawn in bf16. Then the same pipeline as ``qlora run``:
 PEFT's ``prepare_model_for_kbit_training`` (fp32 upcast of the non-quantized weights), non-reentrant gradient
 checkpointing, LoRA on all linear layers but the head (PEFT), accelerate's bf16 autocast wrapper, paged AdamW
-8-bit (bitsandbytes), the trainer's loss (``qlora_core.loop.job._token_loss_sum``) and gradient clipping; it runs a
-few steps on random token ids and prints one JSON object with the measured peak
+8-bit (bitsandbytes), the trainer's loss (the ``fused-loss`` plugin's ``token_loss_sum``) and gradient clipping; it
+runs a few steps on random token ids and prints one JSON object with the measured peak
 (``torch.cuda.max_memory_allocated``), the memory after loading, and ``qlora_core.tools.plan.plan``'s estimate for the
 same settings, with the ratio.
 
@@ -138,6 +138,7 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
     from accelerate import Accelerator
 
     from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.fused_loss import token_loss_sum
 
     cuda = device == "cuda"
     dtype = torch.bfloat16
@@ -203,7 +204,9 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         if accelerator is not None:  # qlora's trainer
-            loss_sum, n = _token_loss_sum(model, batch)
+            # the fused-loss plugin's head on the answer positions, else the core's loss from the logits
+            found = token_loss_sum(model, batch)
+            loss_sum, n = found if found is not None else _token_loss_sum(model, batch)
             loss = loss_sum / n
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 0.3)

@@ -17,7 +17,8 @@ What it does, and why:
   final norm and head form the root unit. The frozen base weights are sharded: each process holds 1/N of them.
 - The LoRA adapters are left out of the sharding (FSDP's ``ignored_states``): they are a fraction of a percent
   of the model, each process keeps them whole, in float32, and their gradients are averaged across processes
-  (all-reduce) at the last micro-batch of each step, as DDP does. So the optimizer, gradient clipping,
+  (one all-reduce, in :func:`qlora_core.hookspecs.qlora_on_after_backward`) once each step's backward passes
+  are done, as DDP does at the last micro-batch. So the optimizer, gradient clipping,
   checkpoints and the exported adapter work on whole tensors, the same on 1 or N processes, and a checkpoint
   resumes on any number of processes.
 
@@ -42,50 +43,12 @@ from qlora_core import UsageError
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
 
 
-@hookimpl
-def qlora_config_options():
-    return [
-        Option("fsdp.sharding_strategy", "str", "FULL_SHARD",
-               "fsdp: FULL_SHARD (weights sharded, gathered per layer), SHARD_GRAD_OP (kept whole between forward "
-               "and backward), HYBRID_SHARD (FULL_SHARD within a host, replicated across hosts), NO_SHARD",
-               choices=STRATEGIES),
-        Option("fsdp.cpu_offload", "bool", False,
-               "fsdp: keep each process's shard of the base weights in CPU memory between uses"),
-        Option("fsdp.wrap_class", "str", None,
-               "fsdp: class name of the decoder layer each FSDP unit wraps (default: found in the model)",
-               nullable=True),
-    ]
-
-
 def wanted_quant_storage(config, device: str) -> str:
     """The packed 4-bit weights' storage dtype FSDP needs: the compute dtype, the dtype of the layers' other
     parameters."""
     from qlora_core import compute_dtype_for
 
     return str(compute_dtype_for(config, device)).replace("torch.", "")
-
-
-@hookimpl
-def qlora_configure(config, device) -> None:
-    if "cpu-offload" in config.plugins:
-        raise UsageError("--plugin fsdp and --plugin cpu-offload do not combine; for less GPU memory under FSDP "
-                         "set fsdp.cpu_offload=true")
-    if config["lora.bias"] != "none":
-        raise UsageError(f"fsdp: lora.bias={config['lora.bias']} trains biases inside the sharded base layers; "
-                         f"set lora.bias=none")
-    if config["quant.load_in_4bit"]:
-        storage = wanted_quant_storage(config, device)
-        key = "quant.bnb_4bit_quant_storage"
-        if config.is_explicit(key) and config[key] != storage:
-            raise UsageError(f"fsdp: {key}={config[key]} contradicts FSDP, which needs the 4-bit weights stored "
-                             f"in the compute dtype ({storage}); drop the setting or set {key}={storage}")
-        config.set(key, storage)
-    if config.is_explicit("quant.fp32_upcast") and config["quant.fp32_upcast"]:
-        raise UsageError("fsdp: quant.fp32_upcast=true upcasts the norms to float32, which FSDP cannot flatten "
-                         "with the other weights; drop the setting")
-    config.set("quant.fp32_upcast", False)
-    if config["train.compile"] == "auto":  # compiling layers inside FSDP units is not measured yet: off by default
-        config.set("train.compile", False)
 
 
 def decoder_layer_class(model, name: str | None = None) -> type:
@@ -133,36 +96,6 @@ def wrap_kwargs(model, config, device) -> dict[str, Any]:
     }
 
 
-@hookimpl
-def qlora_distribute_model(model, accelerator, config):
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not dist.is_initialized():
-        # One process started without a launcher: a group of one, so FSDP runs (and is measured) the same way.
-        import os
-
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if accelerator.device.type == "cuda" else "gloo", rank=0, world_size=1)
-    device = accelerator.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type == "cpu":
-        device = torch.device("cpu")  # FSDP compares it with the parameters' device, which has no index
-    kwargs = wrap_kwargs(model, config, device)
-    adapters = [p for m in kwargs["ignored_states"] for p in m.parameters(recurse=False) if p.requires_grad]
-    wrapped = FullyShardedDataParallel(model, **kwargs)
-    world = dist.get_world_size()
-    if world > 1:
-        for param in adapters:  # the same start on every process (they are seeded alike; made certain)
-            dist.broadcast(param.data, src=0)
-        # The trainer calls it after a step's last backward pass (the attribute is its contract with plugins).
-        wrapped._qlora_after_backward = adapter_grad_averager(world, adapters)
-    return wrapped
-
-
 def adapter_grad_averager(world: int, params: list):
     """Average the adapters' gradients across processes after a step's backward passes: one all-reduce per
     dtype, of the gradients flattened together. One collective a step instead of one per adapter tensor (448
@@ -195,7 +128,7 @@ def adapter_grad_averager(world: int, params: list):
 
 def _one_buffer(grads: list):
     """The buffer ``grads`` exactly tile (views of one tensor, together as large as it: what
-    :class:`qlora_core.flat.FlatParams` makes), else None."""
+    the ``flat-params`` plugin's ``FlatParams`` makes), else None."""
     base = grads[0]._base
     if base is None or not base.is_contiguous() or any(g._base is not base for g in grads):
         return None
@@ -210,3 +143,84 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FSDP:
+    """The ``fsdp`` plugin. Its per-run state: the averaging of the adapters' gradients across the processes,
+    made when the model is wrapped and run once each step's gradients are complete (the adapters are not
+    sharded, so FSDP does not synchronise their gradients itself)."""
+
+    def __init__(self) -> None:
+        self.average_adapter_grads: Any = None
+
+    @hookimpl
+    def qlora_config_options(self):
+        return [
+            Option("fsdp.sharding_strategy", "str", "FULL_SHARD",
+                   "fsdp: FULL_SHARD (weights sharded, gathered per layer), SHARD_GRAD_OP (kept whole between forward "
+                   "and backward), HYBRID_SHARD (FULL_SHARD within a host, replicated across hosts), NO_SHARD",
+                   choices=STRATEGIES),
+            Option("fsdp.cpu_offload", "bool", False,
+                   "fsdp: keep each process's shard of the base weights in CPU memory between uses"),
+            Option("fsdp.wrap_class", "str", None,
+                   "fsdp: class name of the decoder layer each FSDP unit wraps (default: found in the model)",
+                   nullable=True),
+        ]
+
+    @hookimpl
+    def qlora_configure(self, config, device) -> None:
+        if "cpu-offload" in config.plugins:
+            raise UsageError("--plugin fsdp and --plugin cpu-offload do not combine; for less GPU memory under FSDP "
+                             "set fsdp.cpu_offload=true")
+        if config["lora.bias"] != "none":
+            raise UsageError(f"fsdp: lora.bias={config['lora.bias']} trains biases inside the sharded base layers; "
+                             f"set lora.bias=none")
+        if config["quant.load_in_4bit"]:
+            storage = wanted_quant_storage(config, device)
+            key = "quant.bnb_4bit_quant_storage"
+            if config.is_explicit(key) and config[key] != storage:
+                raise UsageError(f"fsdp: {key}={config[key]} contradicts FSDP, which needs the 4-bit weights stored "
+                                 f"in the compute dtype ({storage}); drop the setting or set {key}={storage}")
+            config.set(key, storage)
+        if config.is_explicit("quant.fp32_upcast") and config["quant.fp32_upcast"]:
+            raise UsageError("fsdp: quant.fp32_upcast=true upcasts the norms to float32, which FSDP cannot flatten "
+                             "with the other weights; drop the setting")
+        config.set("quant.fp32_upcast", False)
+        # compiling layers inside FSDP units is not measured yet: off by default (the key's plugin may be off)
+        if config.get("train.compile") == "auto":
+            config.set("train.compile", False)
+
+    @hookimpl
+    def qlora_distribute_model(self, model, accelerator, config):
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if not dist.is_initialized():
+            # One process started without a launcher: a group of one, so FSDP runs (and is measured) the same way.
+            import os
+
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group("nccl" if accelerator.device.type == "cuda" else "gloo", rank=0, world_size=1)
+        device = accelerator.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.type == "cpu":
+            device = torch.device("cpu")  # FSDP compares it with the parameters' device, which has no index
+        kwargs = wrap_kwargs(model, config, device)
+        adapters = [p for m in kwargs["ignored_states"] for p in m.parameters(recurse=False) if p.requires_grad]
+        wrapped = FullyShardedDataParallel(model, **kwargs)
+        world = dist.get_world_size()
+        self.average_adapter_grads = None
+        if world > 1:
+            for param in adapters:  # the same start on every process (they are seeded alike; made certain)
+                dist.broadcast(param.data, src=0)
+            self.average_adapter_grads = adapter_grad_averager(world, adapters)
+        return wrapped
+
+    @hookimpl(tryfirst=True)
+    def qlora_on_after_backward(self, run, model, optimizer) -> None:
+        # First, so that the other plugins (flat-params' collect, a callback changing gradients) see averaged ones.
+        if self.average_adapter_grads is not None:
+            self.average_adapter_grads()

@@ -294,10 +294,7 @@ def qlora_distribute_model(model: "torch.nn.Module", accelerator: Any, config: "
     Called on every process, after the adapters are added (and, on ``--resume``, their weights loaded), before
     the optimizer is built. The wrapper must keep the adapters' parameters whole on every process (the
     optimizer, checkpoints and exports read them directly) and its ``no_sync()`` must skip gradient
-    synchronisation for all but the last micro-batch of a step, as DDP's does. A wrapper may also carry a
-    ``_qlora_after_backward`` callable: the trainer calls it once a step, after the last micro-batch's backward
-    pass, for a synchronisation that needs the step's gradients complete (the fsdp plugin averages the
-    adapters' gradients there in one all-reduce).
+    synchronisation for all but the last micro-batch of a step, as DDP's does.
 
     :param model: the PEFT model, on this process's device.
     :param accelerator: the run's ``accelerate.Accelerator`` (``num_processes``, ``process_index``, ``device``).

@@ -12,7 +12,7 @@ from qlora_core.loop.job import Job
 
 
 def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradients():
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -30,7 +30,7 @@ def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradien
 
 
 def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
-    from qlora_core.kernels import linear_cross_entropy_sum
+    from qlora_plugins.fused_loss import linear_cross_entropy_sum
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(10, 8, generator=g, requires_grad=True)
@@ -47,10 +47,10 @@ def test_chunked_linear_cross_entropy_without_gradients_and_for_a_frozen_head():
 
 
 def _loss_and_grads(job, model, batch, fused=True):
-    from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.fused_loss import token_loss_sum
 
     model.zero_grad(set_to_none=True)
-    loss, _ = _token_loss_sum(model, batch, fused)
+    loss, _ = token_loss_sum(model, batch, fused)
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -96,7 +96,7 @@ def test_qlora_checkpointing_gives_the_gradients_of_no_checkpointing(tiny_config
 def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path):
     """Recomputed layers hold no activations between forward and backward: fewer saved tensors."""
     from qlora_core.loop.data import collate
-    from qlora_core.loop.job import _token_loss_sum
+    from qlora_plugins.fused_loss import token_loss_sum
     from qlora_plugins.layers import set_checkpointed_layers
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
@@ -114,7 +114,7 @@ def test_checkpointed_layers_keep_nothing_but_their_input(tiny_config, tmp_path)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = _token_loss_sum(model, batch)
+            loss, _ = token_loss_sum(model, batch)
         loss.backward()
         return total
 
@@ -487,7 +487,7 @@ def test_nf4_formula_handles_an_odd_number_of_values():
 def test_compute_copies_follow_the_parameters():
     """FlatParams' bf16 copies of float32 adapters: equal to a cast after creation and after each sync, stale
     in between (the trainer syncs after every optimizer step), gone after drop."""
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((8, 16), (16, 8), (3,))]
@@ -535,7 +535,7 @@ def test_the_fused_op_computes_the_same_with_compute_copies():
 def test_training_with_compute_copies_matches_casting_each_use(tiny_config, tmp_path, monkeypatch):
     """bf16 compute with the fused op and flat parameters: three steps with the kept bf16 copies give the
     losses of three steps casting the adapters at each use, so the copies follow every optimizer step."""
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     def losses(name, *extra):
         job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",
@@ -593,8 +593,8 @@ def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, mon
         seen.extend(p for p in job.model.parameters() if hasattr(p, "qlora_compute_copy"))
         raise RuntimeError("the run failed")
 
-    if where == "in the loop":
-        monkeypatch.setattr(trainer.Job, "_loop", fail)
+    if where == "in the loop":  # its first step: the copies were made when training started
+        monkeypatch.setattr(trainer.Job, "_forward_backward", fail)
     else:  # the run record is started after the optimizer and the flat buffer are made
         monkeypatch.setattr(trainer.RunRecord, "start", fail)
     job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",

@@ -208,14 +208,14 @@ def test_under_fsdp_the_loss_runs_inside_the_wrapper_through_the_fused_head(fsdp
         "import json, sys\n"
         "import torch\n"
         "torch.set_num_threads(1)\n"
-        "from qlora_core import kernels\n"
+        "from qlora_plugins import fused_loss\n"
         "from qlora_core.loop.job import Job\n"
         "calls = []\n"
-        "real = kernels.linear_cross_entropy_sum\n"
+        "real = fused_loss.linear_cross_entropy_sum\n"
         "def spy(*a, **k):\n"
         "    calls.append(1)\n"
         "    return real(*a, **k)\n"
-        "kernels.linear_cross_entropy_sum = spy\n"
+        "fused_loss.linear_cross_entropy_sum = spy\n"
         "job = Job(json.load(open(sys.argv[1])), plugins=['fsdp'], output_dir=sys.argv[2])\n"
         "result = job.run()\n"
         "from qlora_plugins.layers import layer_policy\n"
@@ -272,7 +272,7 @@ def test_flat_gradients_are_all_reduced_in_their_own_buffer():
     import torch
 
     from plugins.fsdp import _one_buffer
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((4, 8), (8, 4), (3,))]
     flat = FlatParams(params)

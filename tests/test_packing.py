@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 import yaml
 
-from qlora_core import cli, varlen
+from qlora_core import cli
 from qlora_core.loop import job as trainer_module
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
 from qlora_core.framework.errors import UsageError
 from qlora_core.loop.job import Job, model_inputs, _token_loss_sum, check_packed_attention
+from qlora_plugins import fused_loss
+from qlora_plugins import varlen_packing as varlen
 
 from conftest import write_jsonl
 
@@ -109,9 +112,16 @@ def lora_model(tiny_config, tmp_path):
     return model
 
 
+def token_loss(model, batch):
+    """The loss as a run computes it: the fused-loss plugin's (the head on the answer positions), or the core's
+    (the model's logits) for a model the plugin does not serve."""
+    found = fused_loss.token_loss_sum(model, batch)
+    return found if found is not None else _token_loss_sum(model, batch)
+
+
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss, n = _token_loss_sum(model, batch)
+    loss, n = token_loss(model, batch)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()), n, grads
@@ -120,7 +130,7 @@ def loss_and_grads(model, batch):
 @pytest.mark.parametrize("head", ["answer-positions", "full-logits"])
 def test_a_packed_micro_batch_gives_the_padded_loss_and_lora_gradients(lora_model, head, monkeypatch):
     if head == "full-logits":  # the path of architectures whose head cannot run on chosen positions only
-        monkeypatch.setattr(trainer_module, "_PLAIN_HEAD_MODELS", frozenset())
+        monkeypatch.setattr(fused_loss, "_PLAIN_HEAD_MODELS", frozenset())
     model = lora_model
     model.train()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
@@ -209,6 +219,10 @@ def test_qlora_run_with_packing_trains_counts_real_tokens_and_writes_an_adapter(
     # Each step's tokens are the real tokens of its examples, as the padded path counts them.
     job = Job(config, overrides=["train.packing=true"])
     job.load_data()
+    # The filler reported is what the run's micro-batches held: on the CPU rows of up to max_seq_length tokens.
+    first_epoch = job._step_examples(0, len(job.train_examples), 0, 1)
+    expected = packed_waste(first_epoch, micro_batch_size=4, row_tokens=64, step_examples=4)
+    assert waste["packed_filler_waste"] == pytest.approx(expected)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     for i, row in enumerate(steps):
@@ -230,20 +244,18 @@ def test_packing_makes_fewer_fuller_micro_batches_for_the_same_step(tiny_config,
     """With gradient accumulation, packed micro-batches hold up to micro-batch x max_seq_length tokens (in rows of
     up to max_seq_length): the step's short examples take fewer forward passes, and the step (same examples)
     trains the same."""
-    import qlora_core.loop.job as trainer
-
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4,
                         max_seq_length=64, sample_max_new_tokens=0)
     calls = []
-    real = trainer._token_loss_sum
+    real = fused_loss.token_loss_sum
 
     def counting(model, batch, fused=True):
         if model.training:
             calls.append(batch["input_ids"].shape)
         return real(model, batch, fused)
 
-    monkeypatch.setattr(trainer, "_token_loss_sum", counting)
+    monkeypatch.setattr(fused_loss, "token_loss_sum", counting)
     padded = Job(cfg, output_dir=tmp_path / "padded").run()
     padded_calls, calls[:] = list(calls), []
     packed = Job(cfg, overrides=["train.packing=true"], output_dir=tmp_path / "packed").run()
@@ -273,7 +285,9 @@ def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
     batch = collate_packed(examples, row_tokens=32, varlen=True)  # varlen: one row whatever row_tokens says
     assert batch["input_ids"].shape == (1, 61) and batch["cu_seq_lens"].tolist() == [0, 5, 22, 31, 61]
     assert "attention_mask" not in batch and int(batch["real_token_count"]) == 61
-    with torch.no_grad(), varlen.packed_forward():
+    seen = []  # whether a packed forward is open while the decoder layers run
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(varlen._active))
+    with torch.no_grad():  # the decoder's call carries cu_seq_lens_q: a packed forward, its mask function makes none
         logits = model(**model_inputs(batch)).logits[0]
     start = 0
     for x in examples:
@@ -281,13 +295,21 @@ def test_varlen_attention_gives_each_example_the_logits_it_has_alone():
             alone = model(input_ids=torch.tensor([x.input_ids])).logits[0]  # no cu_seq_lens: sdpa's own path
         torch.testing.assert_close(logits[start:start + len(x.input_ids)], alone, atol=1e-5, rtol=1e-5)
         start += len(x.input_ids)
-    check_packed_attention(model, varlen=True)
+    hook.remove()
+    assert seen == [1] + [0] * len(examples) and varlen._active == 0
+    check_packed_attention(model, lambda group: collate_packed(group, varlen=True))
     # Without the bounds the same row would be one sequence: the check sees the difference it relies on.
     with torch.no_grad():
         crossed = model(input_ids=batch["input_ids"]).logits[0]
     assert (crossed[5:22] - logits[5:22]).abs().max() > 1e-3
+    # A packed forward that fails leaves no packed forward open behind it (the next forward gets its mask).
+    two_rows = {k: v.repeat(2, 1) if k in ("input_ids", "position_ids") else v for k, v in batch.items()}
+    with torch.no_grad(), pytest.raises(ValueError, match="one packed row"):
+        model(**model_inputs(two_rows))
+    assert varlen._active == 0
     varlen.restore(model, before)
     assert model.config._attn_implementation == "sdpa"
+    assert not varlen._hooked  # the decoder's hooks are gone with the attention
 
 
 def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_path):
@@ -312,7 +334,7 @@ def test_qlora_run_with_varlen_packing_matches_the_padded_run(tiny_config, tmp_p
 def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model):
     """Under DDP/FSDP the loss runs inside the wrapper's forward (install_loss_forward): it must pass
     cu_seq_lens on, or the examples would attend to each other; a packed forward without them is an error."""
-    from qlora_core.loop.job import install_loss_forward
+    from qlora_plugins.fused_loss import install_loss_forward
 
     class Wrapper(torch.nn.Module):  # what DDP and FSDP look like to the trainer: the model as .module
         def __init__(self, module):
@@ -326,12 +348,12 @@ def test_varlen_packing_inside_a_ddp_or_fsdp_wrapper_keeps_the_bounds(lora_model
     model.eval()
     examples = ragged_examples(model.get_input_embeddings().weight.shape[0], lengths=(7, 25, 12, 40))
     with torch.no_grad():
-        pad_loss, _ = _token_loss_sum(model, collate(examples, pad_token_id=0))
+        pad_loss, _ = token_loss(model, collate(examples, pad_token_id=0))
         assert install_loss_forward(model)
         batch = collate_packed(examples, varlen=True)
         before = varlen.use_varlen(model)
         try:
-            wrapped, _ = _token_loss_sum(Wrapper(model), batch)
+            wrapped, _ = token_loss(Wrapper(model), batch)
             assert float(wrapped) == pytest.approx(float(pad_loss), rel=1e-5)
             dropped = {k: v for k, v in batch.items() if k != "cu_seq_lens"}
             with varlen.packed_forward(), pytest.raises(RuntimeError, match="without cu_seq_lens_q"):
@@ -353,10 +375,13 @@ def test_varlen_is_refused_for_attention_it_does_not_implement(tiny_config, tmp_
     model.config.attn_logit_softcapping = 50.0
     assert "soft-capping" in varlen.unsupported(model)
 
-    job = Job(tiny_config, overrides=["train.packing=true", "train.packing_attention=varlen"],
-              output_dir=tmp_path / "run")
-    job.load_model()
-    job.model.config.attn_logit_softcapping = 30.0
+    folder = tmp_path / "softcapped"  # the tiny model, its config saying its attention logits are soft-capped
+    shutil.copytree(tiny_config["model"]["name_or_path"], folder)
+    model_config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(model_config, attn_logit_softcapping=30.0)))
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["name_or_path"] = str(folder)
+    job = Job(cfg, overrides=["train.packing=true", "train.packing_attention=varlen"], output_dir=tmp_path / "run")
     with pytest.raises(UsageError, match="train.packing_attention: varlen attention cannot stand in .* soft-capping"):
         job.run()
     assert not (tmp_path / "run").exists()

@@ -321,14 +321,14 @@ def test_loss_on_answer_positions_only_equals_the_full_logits_loss(tiny_config, 
     import torch.nn.functional as F
 
     from qlora_core.loop.data import collate
-    from qlora_core.loop.job import _plain_head_model, _token_loss_sum
+    from qlora_plugins.fused_loss import _plain_head_model, token_loss_sum
 
     job = Job(tiny_config, output_dir=tmp_path / "run")
     job.load_data()
     model = job.load_model()
     assert _plain_head_model(model) is not None  # the fast path is the one under test
     batch = collate(job.train_examples[:4], job.tokenizer.pad_token_id)
-    loss, n = _token_loss_sum(model, batch)
+    loss, n = token_loss_sum(model, batch)
     loss.backward()
     fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -358,8 +358,9 @@ def test_flat_params_train_exactly_as_one_tensor_at_a_time(tiny_config, tmp_path
         job.load_model()
         before = trainable(job.model)
         result = job.run()
+        plugin = next(i.plugin for i in job.plugins.infos if i.name == "flat-params")
         runs[flat] = (before, trainable(job.model), [m["loss"] for m in result.metrics if "loss" in m],
-                      job._flat)
+                      plugin.flat)
     before, after, losses, flat = runs[True]
     ref_before, ref_after, ref_losses, none = runs[False]
     assert none is None and flat is not None and len(flat.params) == 1  # one fp32 buffer
@@ -377,7 +378,7 @@ def test_flat_params_train_exactly_as_one_tensor_at_a_time(tiny_config, tmp_path
 
 
 def test_flat_params_collect_gradients_that_were_replaced_or_cleared():
-    from qlora_core.flat import FlatParams
+    from qlora_plugins.flat_params import FlatParams
 
     a = torch.nn.Parameter(torch.ones(2, 3))
     b = torch.nn.Parameter(torch.full((4,), 2.0))

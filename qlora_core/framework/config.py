@@ -216,22 +216,6 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("train.sample_max_new_tokens", "int", 48,
            "tokens generated for the sample answer shown before and after training (0: no sample)", minimum=0),
     Option("train.num_threads", "int", 0, "CPU threads for torch (0: leave torch's default)", minimum=0),
-    Option("train.fused_cross_entropy", "bool", True,
-           "compute the output head and the loss chunk by chunk, never holding the vocabulary's logits "
-           "(liger-kernel's kernel on CUDA when installed)"),
-    Option("train.packing_attention", "str", "auto",
-           "with train.packing, how attention keeps packed examples apart: varlen (each micro-batch one row, the "
-           "examples end to end, torch's variable-length flash attention; no filler, no mask), rows (rows of up "
-           "to train.max_seq_length tokens, block-diagonal masks, filler segments), auto (varlen on CUDA when "
-           "torch has the kernel and the model's attention is plain causal attention, else rows)",
-           choices=("auto", "varlen", "rows")),
-    Option("train.flat_params", "bool", True,
-           "gather the trainable parameters and their gradients into one buffer per dtype, so the optimizer "
-           "and gradient clipping step one tensor instead of one per adapter matrix (not with DDP); set false "
-           "for an optimizer plugin that needs each matrix's shape"),
-    Option("train.adapter_compute_copy", "bool", True,
-           "with train.flat_params and the fused LoRA op: keep the adapters' copy in the compute dtype (bf16), "
-           "refreshed once a step after the optimizer, instead of casting each float32 adapter matrix at each use"),
 )
 
 

@@ -38,6 +38,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "adapter-export",
     "fused-lora",
     "compile-layers",
+    "fused-loss",
+    "varlen-packing",
+    "flat-params",
 )
 
 

@@ -198,7 +198,7 @@ def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = N
     every example is masked, so no example's first token is predicted from the previous example's last one; the
     padded path never predicts it either (a row's first label has no prediction), so both paths compute the
     same loss over the same answer tokens. With ``varlen`` (one row, ``row_tokens`` ignored) the batch also
-    has ``cu_seq_lens``, the examples' cumulative lengths (int32), for :mod:`qlora_core.varlen`'s attention,
+    has ``cu_seq_lens``, the examples' cumulative lengths (int32), for a variable-length attention kernel,
     which needs no mask and no filler. There is no ``attention_mask``: with one, transformers would not
     look for packed sequences and would let the examples attend to each other. Rows shorter than the longest
     end with a filler segment of ``pad_token_id`` (positions from 0, no labels): a sequence of its own that

@@ -11,12 +11,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, choose_format, collate, collate_packed,
-                                  packed_waste, padding_waste, real_tokens, token_budget_batches, tokenize_rows,
+                                  padding_waste, real_tokens, token_budget_batches, tokenize_rows,
                                   training_and_eval_rows)
 from qlora_core.loop.determinism import deterministic, prepare_environment
 from qlora_core.loop.record import RunRecord, RunResult, check_output_dir, prepare_output_dir
@@ -69,26 +69,6 @@ def parameter_count(model) -> int:
     return total
 
 
-# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping or scaling.
-_PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def _plain_head_model(model) -> Any:
-    """The causal LM under a PEFT wrapper when its head can be applied to chosen positions only, else None.
-
-    Not under DDP/FSDP wrappers (they have a ``module``): their gradient synchronisation and FSDP's gathering
-    of sharded weights run through the wrapper's forward.
-    """
-    if hasattr(model, "module"):
-        return None
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(inner, "config", None), "model_type", None) not in _PLAIN_HEAD_MODELS:
-        return None
-    if not (hasattr(inner, "get_decoder") and hasattr(inner, "get_output_embeddings")):
-        return None
-    return inner
-
-
 def model_inputs(batch) -> dict[str, Any]:
     """The model's keyword arguments for a micro-batch made by ``collate`` (padded) or ``collate_packed``.
 
@@ -98,102 +78,21 @@ def model_inputs(batch) -> dict[str, Any]:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    if "cu_seq_lens" in batch:  # one packed row for the varlen attention (qlora_core.varlen)
+    if "cu_seq_lens" in batch:  # one packed row, its examples' bounds for a variable-length attention
         inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = batch["cu_seq_lens"]
     return inputs
 
 
-def _packed_context(batch):
-    """The varlen attention's packed-forward context for a batch that carries ``cu_seq_lens``."""
-    if "cu_seq_lens" not in batch:
-        return nullcontext()
-    from qlora_core.varlen import packed_forward
-
-    return packed_forward()
-
-
-def _token_loss_sum(model, batch, fused: bool = True) -> "tuple[torch.Tensor, int]":
-    """Sum of the next-token cross-entropy over the batch's answer tokens, and their number.
-
-    The output head runs on the answer positions only where the architecture allows it: the prompt's logits
-    are never needed, and with a large vocabulary they are most of the step's memory (batch x seq x vocab).
-    With ``fused`` the head and the loss run chunk by chunk (:func:`qlora_core.kernels.linear_cross_entropy_sum`)
-    and not even the answers' logits are kept.
-    """
+def _token_loss_sum(model, batch) -> "tuple[torch.Tensor, int]":
+    """The core's loss, when no plugin's :func:`~qlora_core.hookspecs.qlora_compute_loss` answers: the sum of the
+    next-token cross-entropy over the batch's answer tokens, from the model's logits, and their number."""
     import torch.nn.functional as F
 
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    causal = _plain_head_model(model)
-    with _packed_context(batch):
-        if causal is not None:
-            loss = _answer_loss_sum(causal, model_inputs(batch), batch["labels"], fused)
-        elif fused and _loss_forward_installed(model):
-            # Under FSDP/DDP the wrapper's forward must run (it gathers the sharded weights): the loss is computed
-            # inside it, with the fused head, and the logits are never made.
-            loss = model(**model_inputs(batch), labels=batch["labels"], qlora_token_loss_sum=True).loss
-        else:
-            logits = model(**model_inputs(batch)).logits
-            loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    logits = model(**model_inputs(batch)).logits
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
-
-
-def _fusable_head(head) -> bool:
-    """Whether the output head is a plain linear layer the fused head + loss can take the weight of."""
-    import torch
-
-    return type(head) is torch.nn.Linear and head.bias is None
-
-
-def _answer_loss_sum(causal, inputs: dict[str, Any], labels, fused: bool):
-    """The summed next-token loss of a plain-head causal LM, its head run on the answer positions only (with
-    ``fused`` and a plain linear head, chunk by chunk: :func:`qlora_core.kernels.linear_cross_entropy_sum`)."""
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden = causal.get_decoder()(**inputs).last_hidden_state
-    head = causal.get_output_embeddings()
-    selected = hidden[:, :-1][keep]
-    if fused and _fusable_head(head):
-        from qlora_core.kernels import linear_cross_entropy_sum
-
-        return linear_cross_entropy_sum(selected, head.weight, targets[keep])
-    return F.cross_entropy(head(selected).float(), targets[keep], reduction="sum")
-
-
-def _loss_forward_installed(model) -> bool:
-    inner = getattr(model, "module", None)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return bool(getattr(inner, "_qlora_loss_forward", False))
-
-
-def install_loss_forward(model) -> bool:
-    """Give the causal LM under ``model`` (a PEFT model, before a DDP/FSDP wrapper) a forward that, called with
-    ``qlora_token_loss_sum=True`` and ``labels``, returns only the summed token loss (the answer positions through
-    the fused head and cross-entropy, :func:`qlora_core.kernels.linear_cross_entropy_sum`); any other call runs
-    the model's own forward. False for architectures whose head is not a plain linear layer."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    causal = _plain_head_model(inner)
-    if causal is None or getattr(causal, "_qlora_loss_forward", False):
-        return causal is not None
-    if not _fusable_head(causal.get_output_embeddings()):
-        return False
-    original = causal.forward
-
-    def forward(*args, qlora_token_loss_sum: bool = False, **kwargs):
-        if not qlora_token_loss_sum:
-            return original(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        # Everything the trainer passed (model_inputs: ids, masks, positions, varlen bounds) goes to the decoder.
-        labels = kwargs.pop("labels")
-        return CausalLMOutputWithPast(loss=_answer_loss_sum(causal, dict(kwargs, use_cache=False), labels,
-                                                           fused=True))
-
-    causal.forward = forward
-    causal._qlora_loss_forward = True
-    return True
 
 
 def _busiest_gpu_peak_gib(device, world: int) -> float:
@@ -226,35 +125,51 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
-def packed_attention_errors(model, varlen: bool = False) -> tuple[float, float]:
+def _probe_at(batch, probe: list[int]) -> tuple[int, int]:
+    """Where a micro-batch holds the probe example's tokens: (row, first position), the last place they occur."""
+    found = None
+    n = len(probe)
+    for r, row in enumerate(batch["input_ids"].tolist()):
+        for start in range(len(row) - n + 1):
+            if row[start:start + n] == probe:
+                found = (r, start)
+    if found is None:
+        raise UsageError("train.packing: the run's micro-batches do not hold the packing check's probe example as "
+                         "it was given (a collate plugin changed its tokens); set train.packing=false")
+    return found
+
+
+def packed_attention_errors(model, collate: "Callable[[Sequence[TokenizedExample]], Any] | None" = None
+                            ) -> tuple[float, float]:
     """How far a packed example's logits are from the same example's logits alone.
 
-    A probe example (4 random tokens) is run alone, packed after a 16-token example (``collate_packed``), and
-    as the continuation of that example (one sequence, positions not restarting: the probe sees the other
-    example's tokens, whatever the attention implementation). :returns: the relative distances of the packed
-    logits and of the crossed logits from the lone ones; the first is rounding noise when attention stays
-    within each example, the second is what crossing changes. With ``varlen`` the batches are the varlen
-    attention's one-row form (``cu_seq_lens``).
+    A probe example (4 random tokens) is run alone, packed after a 16-token example, and as the continuation of
+    that example (one sequence, positions not restarting: the probe sees the other example's tokens, whatever
+    the attention implementation). :returns: the relative distances of the packed logits and of the crossed
+    logits from the lone ones; the first is rounding noise when attention stays within each example, the second
+    is what crossing changes. ``collate`` makes the micro-batches from the examples (a run passes its own, so
+    the check probes the batching it trains with); by default ``collate_packed``'s one row.
     """
     import torch
 
+    collate = collate or collate_packed
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     vocab = inner.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     first, probe = (torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (16, 4))
     device = input_device(model)
-    alone = collate_packed([TokenizedExample(probe, probe)], varlen=varlen)
-    packed = collate_packed([TokenizedExample(first, first), TokenizedExample(probe, probe)], varlen=varlen)
-    crossed = collate_packed([TokenizedExample(first + probe, first + probe)], varlen=varlen)
+    alone = collate([TokenizedExample(probe, probe)])
+    packed = collate([TokenizedExample(first, first), TokenizedExample(probe, probe)])
+    crossed = collate([TokenizedExample(first + probe, first + probe)])
     was_training = model.training
     model.eval()  # no dropout
     try:
         with torch.no_grad():
             out = []
             for b in (alone, packed, crossed):
-                with _packed_context(b):
-                    logits = model(**model_inputs({k: v.to(device) for k, v in b.items()})).logits
-                out.append(logits[0, -len(probe):].float())
+                row, start = _probe_at(b, probe)
+                logits = model(**model_inputs({k: v.to(device) for k, v in b.items()})).logits
+                out.append(logits[row, start:start + len(probe)].float())
     except TypeError as e:
         raise UsageError(f"train.packing: the model does not take packed inputs (position_ids): {e}") from None
     finally:
@@ -264,15 +179,16 @@ def packed_attention_errors(model, varlen: bool = False) -> tuple[float, float]:
     return float((out[1] - out[0]).norm() / scale), float((out[2] - out[0]).norm() / scale)
 
 
-def check_packed_attention(model, varlen: bool = False) -> None:
+def check_packed_attention(model, collate: "Callable[[Sequence[TokenizedExample]], Any] | None" = None) -> None:
     """Refuse ``train.packing`` for a model whose attention would cross the packed examples.
 
     transformers keeps attention within each packed example from the restarting ``position_ids``: sdpa, eager
     and flex attention through a block-diagonal causal mask built by its masking utilities, flash attention
     through its variable-length kernel (cu_seqlens from the positions). A model built otherwise (remote code,
-    an attention implementation that ignores both) would silently train on crossed attention.
+    an attention implementation that ignores both) would silently train on crossed attention. ``collate``: as
+    for :func:`packed_attention_errors`.
     """
-    packed, crossed = packed_attention_errors(model, varlen)
+    packed, crossed = packed_attention_errors(model, collate)
     name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     attn = getattr(getattr(model, "config", None), "_attn_implementation", "?")
     if not crossed >= 1e-3:  # also NaN
@@ -296,7 +212,6 @@ class Job:
                  overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False,
                  resume: str | Path | None = None):
         self._resume_from: Path | None = None
-        self._flat = None  # the trainable parameters gathered for the optimizer (train.flat_params), once running
         if resume is not None:
             if config is not None or plugins:
                 raise UsageError("--resume continues a run with its own config.yaml and plugins; give no CONFIG "
@@ -325,8 +240,6 @@ class Job:
         self.distributed_by_plugin = False  # a qlora_distribute_model plugin wrapped the model (FSDP)
         self._order_cache: dict[str, Any] = {}
         self._packing_checked = False
-        self._varlen = False  # packed micro-batches as one row for the varlen attention (set when a run starts)
-        self.fused_lora = False  # the 4-bit LoRA layers run as one op (train.fused_lora; set when they are made)
 
     @property
     def hook(self) -> Any:
@@ -477,7 +390,6 @@ class Job:
         cfg = self.config
         accelerator = make_accelerator(cpu=self.device == "cpu",
                                        fp16=self.device == "cuda" and self.compute_dtype == torch.float16)
-        self._varlen = self._use_varlen()  # may refuse the model: before any output folder is made
         if self._resume_from is not None:
             out = Path(self._resume_from)
         elif accelerator.is_main_process:
@@ -492,8 +404,6 @@ class Job:
                 raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
                                  f"(checkpoints are written every train.save_steps steps)")
             load_adapter_weights(ckpt, self.model)  # before a plugin shards the model
-        if cfg["train.fused_cross_entropy"]:
-            install_loss_forward(self.model)  # a DDP/FSDP wrapper's forward must run: the fused loss goes inside
         model = self.hook.qlora_distribute_model(model=self.model, accelerator=accelerator, config=cfg)
         self.distributed_by_plugin = model is not None
         if model is None:
@@ -503,16 +413,8 @@ class Job:
                 if accelerator.num_processes > 1 else self.model
         params = [p for p in model.parameters() if p.requires_grad]
         chosen = self.hook.qlora_optimizer_params(params=params, model=model, config=cfg)
-        self._flat = None
         if chosen is not None:
-            params = list(chosen)
-        elif cfg["train.flat_params"] and (accelerator.num_processes == 1 or self.distributed_by_plugin):
-            # DDP keeps per-tensor gradient buckets of its own; a plugin's wrapper (fsdp) leaves the adapters
-            # as they are, so they can be gathered like an unwrapped model's.
-            from qlora_core.flat import FlatParams
-
-            self._flat = FlatParams(params)
-            params = self._flat.params
+            params = list(chosen)  # what the optimizer steps and gradient clipping works on
         optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
         if optimizer is None:
             raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
@@ -550,92 +452,61 @@ class Job:
 
             for message in guidance_warnings(cfg, self.num_parameters, accelerator.num_processes):
                 self.hook.qlora_on_notice(run=run, message=message)
-        # With varlen packing the model runs on that attention for the whole run (the packing check included);
-        # generation and evaluation afterwards get its own back.
-        with self._varlen_attention():
+        if cfg["train.packing"]:
+            with self._autocast():
+                self._check_packing(model)
+        if state.step == 0:
+            # This process's micro-batches of the first epoch, in the order they will be trained on.
+            mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
+                                       accelerator.num_processes)
+            waste = padding_waste(mine, state.micro_batch_size)
             if cfg["train.packing"]:
-                with self._autocast():
-                    self._check_packing(model)
-            if state.step == 0:
-                # This process's micro-batches of the first epoch, in the order they will be trained on.
-                mine = self._step_examples(0, len(self.train_examples), accelerator.process_index,
-                                           accelerator.num_processes)
-                waste = padding_waste(mine, state.micro_batch_size)
-                if self._varlen:
-                    waste["packed_filler_waste"] = 0.0  # one row a micro-batch, the examples end to end
-                elif cfg["train.packing"]:
-                    waste["packed_filler_waste"] = packed_waste(
-                        mine, state.micro_batch_size, cfg["train.max_seq_length"],
-                        state.micro_batch_size * cfg["train.gradient_accumulation_steps"])
-                state.summary["padding_waste"] = waste
-                if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
-                    self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
-            record = RunRecord(out, accelerator.is_main_process)
-            if state.step:
-                record.resume(cfg, self.plugins, state.step)
-            else:
-                record.start(cfg, self.plugins)
-            flat = self._flat
-            try:
-                # The adapters' bf16 copy for the fused op (one cast a step, not four per layer), made here so
-                # that however the run ends the finally below removes it: a copy left on the parameters would
-                # be read, stale, by a later run or forward that does not keep one.
-                if flat is not None and self.fused_lora and cfg["train.adapter_compute_copy"] \
-                        and self.compute_dtype != torch.float32:
-                    flat.add_compute_copies(self.compute_dtype)
-                with deterministic(cfg["train.deterministic"]):
-                    result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng)
-            except BaseException as e:
-                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                record.finish(status, error=e)
-                self.hook.qlora_on_train_failed(run=run, error=e, status=status)
-                raise
-            finally:
-                if flat is not None:
-                    flat.drop_compute_copies()
-            record.finish("completed")
-            return result
+                waste["packed_filler_waste"] = self._filler_waste(mine, state.micro_batch_size)
+            state.summary["padding_waste"] = waste
+            if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
+                self.hook.qlora_on_notice(run=run, message=self._padding_message(waste))
+        record = RunRecord(out, accelerator.is_main_process)
+        if state.step:
+            record.resume(cfg, self.plugins, state.step)
+        else:
+            record.start(cfg, self.plugins)
+        try:
+            with deterministic(cfg["train.deterministic"]):
+                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params)
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            record.finish(status, error=e)
+            self.hook.qlora_on_train_failed(run=run, error=e, status=status)
+            raise
+        record.finish("completed")
+        return result
 
     def _check_packing(self, model) -> None:
+        """Refuse packing for a model whose attention would cross the packed examples, probing it with the
+        micro-batches the run makes (:meth:`_collate`)."""
         if not self._packing_checked:
-            check_packed_attention(model, self._varlen)
+            check_packed_attention(model, self._collate)
             self._packing_checked = True
 
-    def _varlen_attention(self):
-        if not self._varlen:
-            return nullcontext()
-        from qlora_core.varlen import attention_of
-
-        return attention_of(self.model, longest=self.config["train.max_seq_length"])
-
-    def _use_varlen(self) -> bool:
-        """Whether packed micro-batches go through the varlen attention (train.packing_attention)."""
-        cfg = self.config
-        if not cfg["train.packing"]:
-            return False
-        from qlora_core.varlen import cuda_kernel_available, unsupported
-
-        mode = cfg["train.packing_attention"]
-        if mode == "rows":
-            return False
-        why = unsupported(self.model, cfg["train.max_seq_length"])
-        if mode == "auto":
-            return self.device == "cuda" and why is None and cuda_kernel_available()
-        if why is not None:
-            raise UsageError(f"train.packing_attention: varlen attention cannot stand in for this model's: it has "
-                             f"{why}; set train.packing_attention=rows")
-        return True
+    def _filler_waste(self, examples: Sequence[TokenizedExample], micro_batch_size: int) -> float:
+        """The share of the tokens computed on ``examples`` (this process's, in order) that is filler: each step's
+        examples in the run's micro-batches (:meth:`_micro_batches`), made by :meth:`_collate`, their real tokens
+        against all they hold (``input_ids``)."""
+        step = micro_batch_size * self.config["train.gradient_accumulation_steps"]
+        computed = real = 0
+        for i in range(0, len(examples), step):
+            for group in self._micro_batches(examples[i:i + step], micro_batch_size):
+                batch = self._collate(group)
+                computed += batch["input_ids"].numel()
+                real += real_tokens(batch)
+        return (computed - real) / computed if computed else 0.0
 
     def _padding_message(self, waste: dict[str, Any]) -> str:
         mb, share = waste["micro_batch_size"], f"{waste['padding_waste']:.1%}"
         counts = f"{waste['padding_tokens']:,} of {waste['padded_tokens']:,} tokens an epoch"
-        if self._varlen:
-            return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, each one row of the "
-                    f"examples end to end (varlen attention, no filler); padded micro-batches of {mb} would be "
-                    f"{share} padding ({counts})")
         if self.config["train.packing"]:
-            return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens, packed into rows of up to "
-                    f"train.max_seq_length tokens ({waste.get('packed_filler_waste', 0.0):.1%} filler); "
+            return (f"packing: micro-batches of up to {mb} x train.max_seq_length tokens "
+                    f"({waste.get('packed_filler_waste', 0.0):.1%} filler); "
                     f"padded micro-batches of {mb} would be {share} padding ({counts})")
         return (f"padding: {share} of the tokens in micro-batches of {mb} are padding ({counts}); "
                 f"train.packing=true would compute only the {waste['real_tokens']:,} real ones")
@@ -648,9 +519,15 @@ class Job:
         if batch is not None:
             return batch
         if self.config["train.packing"]:
-            return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id,
-                                  varlen=self._varlen)
+            return collate_packed(examples, self.config["train.max_seq_length"], self.tokenizer.pad_token_id)
         return collate(examples, self.tokenizer.pad_token_id)
+
+    def _micro_batches(self, examples: Sequence[TokenizedExample], size: int) -> list[list[TokenizedExample]]:
+        """A step's examples in micro-batches: of ``size`` examples, or with ``train.packing`` of up to
+        ``size x train.max_seq_length`` tokens (packed into rows by :meth:`_collate`)."""
+        if self.config["train.packing"]:
+            return token_budget_batches(examples, size * self.config["train.max_seq_length"])
+        return [list(examples[i:i + size]) for i in range(0, len(examples), size)]
 
     def _examples_per_step(self, world: int) -> int:
         """Examples in one optimizer step across all processes: the effective batch."""
@@ -712,12 +589,11 @@ class Job:
     def _loss(self, model, batch) -> "tuple[torch.Tensor, int]":
         """A micro-batch's summed answer-token loss and its answer tokens: a plugin's
         :func:`~qlora_core.hookspecs.qlora_compute_loss`, else the core's cross-entropy."""
-        with _packed_context(batch):
-            found = self.hook.qlora_compute_loss(model=model, batch=batch, config=self.config)
+        found = self.hook.qlora_compute_loss(model=model, batch=batch, config=self.config)
         if found is not None:
             loss, n = found
             return loss, int(n)
-        return _token_loss_sum(model, batch, self.config["train.fused_cross_entropy"])
+        return _token_loss_sum(model, batch)
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
@@ -761,11 +637,7 @@ class Job:
         world = accelerator.num_processes
         while True:
             size = state.micro_batch_size
-            if cfg["train.packing"]:
-                # micro-batches filled up to micro-batch x max_seq_length tokens (packed in rows by _collate)
-                groups = token_budget_batches(examples, size * cfg["train.max_seq_length"])
-            else:
-                groups = [examples[i:i + size] for i in range(0, len(examples), size)]
+            groups = self._micro_batches(examples, size)
             batches = [{k: v.to(device) for k, v in self._collate(group).items()} for group in groups]
             targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
                                    device=device)
@@ -784,11 +656,6 @@ class Job:
                         # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
                         accelerator.backward(part * world / n_targets)
                     loss_sum += part.detach().double()
-                # A distributing plugin's gradient synchronisation that runs once the step's gradients are
-                # complete (the fsdp plugin's averaging of the unsharded adapters).
-                after_backward = getattr(model, "_qlora_after_backward", None)
-                if after_backward is not None:
-                    after_backward()
             except torch.OutOfMemoryError:
                 del batches
                 model.zero_grad(set_to_none=True)
@@ -828,7 +695,9 @@ class Job:
                 f"checkpointing on, or add --plugin cpu-offload{kept}")
 
     def _loop(self, run: Run, model, optimizer, scheduler, accelerator, record: "RunRecord", state: "TrainState",
-              rng: dict | None) -> RunResult:
+              rng: dict | None, params: list) -> RunResult:
+        """The steps, the evaluations, the checkpoints and the exports; ``params``: what the optimizer steps (and
+        gradient clipping works on)."""
         import torch
 
         from qlora_core.loop.checkpoint import save_checkpoint, set_rng_state
@@ -837,8 +706,6 @@ class Job:
         hook = self.hook
         device = accelerator.device
         world, rank = accelerator.num_processes, accelerator.process_index
-        flat = self._flat
-        params = flat.params if flat is not None else [p for p in model.parameters() if p.requires_grad]
         per_step = self._examples_per_step(world)
         n = len(self.train_examples)
         if state.step == 0:
@@ -850,8 +717,6 @@ class Job:
             self._show_sample(run, "before")
         run.step = state.step
         hook.qlora_on_train_start(run=run)
-        if flat is not None:
-            flat.sync_compute_copies()  # the parameters as they are now (a resumed checkpoint's, a callback's)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
@@ -870,17 +735,11 @@ class Job:
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
             hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
             grad_norm = None
-            if flat is not None:
-                flat.collect()
             if cfg["train.max_grad_norm"] > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
             optimizer.step()
             scheduler.step()
-            if flat is not None:
-                flat.sync_compute_copies()
-                flat.zero_grad()
-            else:
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             epoch_before = state.examples_seen // n
             state.examples_seen += per_step
             state.step = run.step = step

@@ -1,23 +1,32 @@
-"""Attention over packed examples with no padding and no filler: variable-length attention.
+"""Attention over packed examples with no padding and no filler, variable-length attention: the ``varlen-packing``
+plugin (a default).
 
-With ``train.packing`` and ``train.packing_attention: varlen`` a micro-batch is one row: the examples end to end,
-their boundaries given by ``cu_seq_lens`` (the cumulative lengths, ``[0, n1, n1 + n2, ...]``). Each example
+With ``train.packing`` and ``train.packing_attention: varlen`` (``auto``: on CUDA, when torch has the kernel and
+the model's attention is plain causal attention) a micro-batch is one row: the examples end to end, their
+boundaries given by ``cu_seq_lens`` (the cumulative lengths, ``[0, n1, n1 + n2, ...]``; the plugin's
+:func:`qlora_core.hookspecs.qlora_collate` makes them with ``collate_packed(..., varlen=True)``). Each example
 attends causally within itself only, and costs what it would alone: no square of the row, no filler segment,
 no mask. On CUDA this is torch's flash-attention kernel for variable lengths
 (``torch.nn.attention.varlen.varlen_attn``); elsewhere each example runs through ``scaled_dot_product_attention``
-on its own (the reference, slow but exact).
+on its own (the reference, slow but exact). With ``rows``, or ``--plugin no:varlen-packing``, the core packs
+into rows of up to ``train.max_seq_length`` tokens instead (block-diagonal masks, filler segments).
 
-It is an attention implementation registered with transformers (:data:`NAME`): set on the model for training,
-it handles a forward that carries ``cu_seq_lens_q`` (the packed micro-batches) and hands every other forward
-(evaluation's padded batches, generation) to transformers' own sdpa attention. While a packed forward runs
-(:func:`packed_forward`), its mask function makes no mask: the boundaries are in ``cu_seq_lens``.
+It is an attention implementation registered with transformers (:data:`NAME`): set on the model for training
+(when the adapters are added, :func:`use_varlen`; the model's own is put back when the run ends), it handles a
+forward that carries ``cu_seq_lens_q`` (the packed micro-batches) and hands every other forward (padded batches,
+generation) to transformers' own sdpa attention. While a packed forward runs (:func:`packed_forward`, entered by
+hooks on the model's decoder whenever its call carries ``cu_seq_lens_q``), its mask function makes no mask: the
+boundaries are in ``cu_seq_lens``.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from contextlib import contextmanager
 from typing import Any
+
+from qlora_core import Option, UsageError, collate_packed, hookimpl
 
 #: The attention implementation's name in transformers' registry.
 NAME = "qlora_varlen"
@@ -72,8 +81,9 @@ def register() -> None:
 
 
 def use_varlen(model, longest: int | None = None) -> str:
-    """Switch ``model`` to the varlen attention; returns the implementation it had (for :func:`restore`).
-    ``longest``: no example is longer (``train.max_seq_length``); the kernel is sized by it."""
+    """Switch ``model`` to the varlen attention, its decoder's calls that carry ``cu_seq_lens_q`` run as packed
+    forwards; returns the implementation it had (for :func:`restore`). ``longest``: no example is longer
+    (``train.max_seq_length``); the kernel is sized by it."""
     global _longest
     _longest = longest
     register()
@@ -81,11 +91,14 @@ def use_varlen(model, longest: int | None = None) -> str:
         _kernel_options()
     before = model.config._attn_implementation
     _set(model, NAME)
+    _hook_decoder(model)
     return before
 
 
 def restore(model, implementation: str) -> None:
+    """Put ``model``'s own attention implementation back (what :func:`use_varlen` returned)."""
     _set(model, implementation)
+    _unhook_decoder(model)
 
 
 @contextmanager
@@ -121,6 +134,55 @@ def packed_forward():
         yield
     finally:
         _active -= 1
+
+
+# The decoders whose calls enter packed_forward() when they carry cu_seq_lens_q: decoder -> [hook handles, users].
+_hooked: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
+
+
+def _decoder(model):
+    """The module that makes the attention masks and runs the decoder layers (``get_decoder()``), else ``model``.
+    Every path to the layers goes through it: the model's forward, and the head-on-the-answers loss that calls
+    the decoder directly."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(inner, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    return decoder if decoder is not None else inner
+
+
+def _hook_decoder(model) -> None:
+    decoder = _decoder(model)
+    if decoder in _hooked:
+        _hooked[decoder][1] += 1
+        return
+    entered: list[bool] = []  # one entry per call in progress: whether it opened a packed forward
+
+    def before(module, args, kwargs):
+        global _active
+        packed = kwargs.get("cu_seq_lens_q") is not None
+        _active += packed
+        entered.append(packed)
+
+    def after(module, args, kwargs, output):  # also when the forward raised (always_call)
+        global _active
+        if entered and entered.pop():
+            _active -= 1
+
+    handles = [decoder.register_forward_pre_hook(before, with_kwargs=True),
+               decoder.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    _hooked[decoder] = [handles, 1]
+
+
+def _unhook_decoder(model) -> None:
+    decoder = _decoder(model)
+    entry = _hooked.get(decoder)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        for handle in entry[0]:
+            handle.remove()
+        del _hooked[decoder]
 
 
 def _mask(*args, **kwargs):
@@ -206,3 +268,94 @@ def _reference(q, k, v, cu, scaling: float):
         seg = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, heads, n, head_dim)
         outs.append(F.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+# --------------------------------------------------------------------------- the plugin
+
+
+def varlen_chosen(model, config, device: str) -> bool:
+    """Whether ``model``'s packed micro-batches go through the varlen attention (``train.packing`` and
+    ``train.packing_attention``; ``auto``: on CUDA when torch has the kernel and the model's attention is plain
+    causal attention). :raises UsageError: ``varlen`` asked for a model it cannot stand in for."""
+    if not config["train.packing"]:
+        return False
+    mode = config["train.packing_attention"]
+    if mode == "rows":
+        return False
+    why = unsupported(model, config["train.max_seq_length"])
+    if mode == "auto":
+        return device == "cuda" and why is None and cuda_kernel_available()
+    if why is not None:
+        raise UsageError(f"train.packing_attention: varlen attention cannot stand in for this model's: it has "
+                         f"{why}; set train.packing_attention=rows")
+    return True
+
+
+class VarlenPacking:
+    """The ``varlen-packing`` plugin. Its per-run state: the model it switched to the varlen attention, and that
+    model's own attention implementation, put back when the run ends."""
+
+    def __init__(self) -> None:
+        self.device = "cpu"
+        self.model: Any = None
+        self.implementation: str | None = None
+
+    @hookimpl
+    def qlora_config_options(self):
+        return [
+            Option("train.packing_attention", "str", "auto",
+                   "with train.packing, how attention keeps packed examples apart: varlen (each micro-batch one "
+                   "row, the examples end to end, torch's variable-length flash attention; no filler, no mask), "
+                   "rows (rows of up to train.max_seq_length tokens, block-diagonal masks, filler segments), auto "
+                   "(varlen on CUDA when torch has the kernel and the model's attention is plain causal attention, "
+                   "else rows)",
+                   choices=("auto", "varlen", "rows")),
+        ]
+
+    @hookimpl
+    def qlora_configure(self, config, device) -> None:
+        self.device = device
+
+    @hookimpl
+    def qlora_adapter_model(self, model, config) -> None:
+        # Decided here, before training starts, so that a model varlen cannot serve is refused before any run
+        # folder is made; the model trains on it for the whole run (the packing check included).
+        self._restore()  # a model made earlier in this job
+        if varlen_chosen(model, config, self.device):
+            self.implementation = use_varlen(model, longest=config["train.max_seq_length"])
+            self.model = model
+
+    @hookimpl(trylast=True)
+    def qlora_collate(self, examples, config, pad_token_id):
+        if self.model is None or not config["train.packing"]:
+            return None
+        return collate_packed(examples, config["train.max_seq_length"], pad_token_id, varlen=True)
+
+    @hookimpl
+    def qlora_on_train_start(self, run) -> None:
+        if self.model is not None:
+            run.notice("packing: each micro-batch is one row, the examples end to end (varlen attention: no "
+                       "filler, no mask)")
+
+    @hookimpl
+    def qlora_on_train_end(self, run, summary) -> None:
+        self._restore()
+
+    @hookimpl
+    def qlora_on_train_failed(self, run, error, status) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Generation and evaluation after the run get the model's own attention back."""
+        if self.model is not None:
+            restore(self.model, self.implementation)
+            self.model = self.implementation = None
+
+    @hookimpl
+    def qlora_bench_variants(self):
+        return {
+            "qlora+packing": {"help": "padding-free packing of each micro-batch (train.packing; varlen attention "
+                                      "on CUDA)", "set": ["train.packing=true"]},
+            "qlora+packing-rows": {"help": "packing into rows of max_seq_length with filler and block-diagonal masks",
+                                   "set": ["train.packing=true", "train.packing_attention=rows"]},
+        }
