@@ -105,7 +105,7 @@ def estimate(model_dir: Path, args) -> dict[str, Any]:
         ("train.max_seq_length", args.seq), ("train.gradient_accumulation_steps", 1),
     ]
     plugins = [] if not args.no_checkpointing else ["no:gradient-checkpointing"]
-    from qlora_core.loop.job import resolve
+    from qlora_core import resolve
 
     config, plugin_set = resolve({}, plugins, overrides)
     result = plan(model_dir, config, gpus=1, plugins=plugin_set, loss="transformers" if args.loss == "hf" else "qlora")
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace, model_dir: Path, device: str = "cuda") -> 
     import torch
     from accelerate import Accelerator
 
-    from qlora_core.loop.job import _token_loss_sum
+    from qlora_core.loop.loss import token_loss_sum as _token_loss_sum
     from qlora_plugins.fused_loss import token_loss_sum
 
     cuda = device == "cuda"

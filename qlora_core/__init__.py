@@ -35,7 +35,8 @@ from qlora_core.framework.formats import ChatTemplateFormat  # noqa: E402
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run, TrainControl  # noqa: E402
 from qlora_core.loop.checkpoint import save_adapter  # noqa: E402
 from qlora_core.loop.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed  # noqa: E402
-from qlora_core.loop.job import Job, model_inputs  # noqa: E402
+from qlora_core.loop.job import Job  # noqa: E402
+from qlora_core.loop.loss import model_inputs  # noqa: E402
 from qlora_core.loop.record import RunResult  # noqa: E402
 from qlora_core.loop.setup import compute_dtype_for, resolve  # noqa: E402
 from qlora_core.tools.evaluation import evaluate_run  # noqa: E402

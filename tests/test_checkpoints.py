@@ -13,7 +13,7 @@ import yaml
 from qlora_core import cli
 from qlora_core.loop.checkpoint import checkpoint_dirs
 from qlora_core.framework.errors import UsageError
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 # Interrupts the run (as Ctrl-C would) after the step given in the environment, if any.
 INTERRUPTER = """

@@ -10,7 +10,7 @@ import yaml
 from qlora_core import cli
 from qlora_core.framework.config import CORE_OPTIONS, build_config
 from qlora_core.framework.errors import ConfigError, UsageError
-from qlora_core.loop.job import resolve
+from qlora_core import resolve
 
 
 def test_defaults_follow_the_guide_vocabulary():

@@ -23,7 +23,7 @@ from qlora_core.framework import plugins as core_plugins
 from qlora_core.cli import main
 from qlora_core.loop.data import IGNORE_INDEX
 from qlora_core.framework.errors import UsageError
-from qlora_core.loop.job import Job, resolve
+from qlora_core import Job, resolve
 
 from conftest import labelled_runs
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora_core.framework.errors import ConfigError, UsageError
-from qlora_core.loop.job import Job, resolve
+from qlora_core import Job, resolve
 from qlora_plugins import cpu_offload
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from qlora_core import cli
 from qlora_core.loop.determinism import CUBLAS_WORKSPACE
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 RECORDING_CALLBACK = """
 import torch

@@ -12,7 +12,7 @@ from qlora_core import cli
 from qlora_core.framework.errors import UsageError
 from qlora_core.tools.evaluation import (evaluate_run, exact_match_default, generate_answers, load_run_model,
                                    reference_answer)
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 from conftest import write_jsonl
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 
 def test_chunked_linear_cross_entropy_matches_the_reference_in_value_and_gradients():

@@ -18,7 +18,7 @@ import yaml
 from qlora_core import cli
 from qlora_core.cli.commands.run import launch_command
 from qlora_core.framework.errors import UsageError
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 from qlora_plugins import fsdp
 

@@ -15,7 +15,7 @@ from qlora_core import cli
 from qlora_core.tools import inference
 from qlora_core.framework.errors import UsageError
 from qlora_plugins.nf4 import dequantize_4bit_model, use_float32_kernels
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 from conftest import write_jsonl
 

@@ -16,7 +16,9 @@ from qlora_core.loop import job as trainer_module
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
 from qlora_core.framework.errors import UsageError
-from qlora_core.loop.job import Job, model_inputs, _token_loss_sum, check_packed_attention
+from qlora_core import Job, model_inputs
+from qlora_core.loop.loss import check_packed_attention
+from qlora_core.loop.loss import token_loss_sum as _token_loss_sum
 from qlora_plugins import fused_loss
 from qlora_plugins import varlen_packing as varlen
 

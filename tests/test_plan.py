@@ -21,7 +21,7 @@ from qlora_core.tools.plan import (
     recommend,
     short_float,
 )
-from qlora_core.loop.job import resolve
+from qlora_core import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import pytest
 from qlora_core import cli
 from qlora_core.framework.errors import ConfigError, PluginError
 from qlora_core.framework.plugins import DEFAULT_PLUGINS, entry_points, select_plugins
-from qlora_core.loop.job import resolve
+from qlora_core import resolve
 
 SGD_PLUGIN = """
 import torch

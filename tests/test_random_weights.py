@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qlora_core import cli
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 
 @pytest.fixture

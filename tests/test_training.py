@@ -12,7 +12,7 @@ import yaml
 from qlora_core import cli
 from qlora_core.framework.errors import UsageError
 from qlora_plugins.nf4 import use_float32_kernels
-from qlora_core.loop.job import Job
+from qlora_core import Job
 
 from conftest import write_jsonl
 

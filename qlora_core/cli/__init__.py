@@ -1,4 +1,4 @@
-"""The ``qlora`` command line: a thin layer over :mod:`qlora_core.loop.job` and :mod:`qlora_core.framework.plugins`.
+"""The ``qlora`` command line: a thin layer over the Python API (:class:`qlora_core.Job`) and :mod:`qlora_core.framework.plugins`.
 
 User errors print one ``error:`` line on stderr and exit with code 2.
 """

@@ -193,7 +193,7 @@ def collate_packed(batch: Sequence[TokenizedExample], row_tokens: int | None = N
     rows of at most that many tokens (:func:`pack_rows`).
 
     ``position_ids`` restart at 0 for every example: the attention implementations read the example
-    boundaries from them (see :func:`qlora_core.loop.job.check_packed_attention`), so attention stays within
+    boundaries from them (see :func:`qlora_core.loop.loss.check_packed_attention`), so attention stays within
     each example and costs what the examples alone would, not the square of a long row. The first label of
     every example is masked, so no example's first token is predicted from the previous example's last one; the
     padded path never predicts it either (a row's first label has no prediction), so both paths compute the

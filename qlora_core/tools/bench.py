@@ -241,7 +241,7 @@ def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, An
     import bitsandbytes as bnb
     import torch
 
-    from qlora_core.loop.job import epoch_order
+    from qlora_core.loop.batching import epoch_order
 
     model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,7 +281,7 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from qlora_core.loop.job import epoch_order
+    from qlora_core.loop.batching import epoch_order
 
     model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -235,7 +235,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256,
         raise UsageError(f"--top-p must be in (0, 1] (got {top_p:g})")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    from qlora_core.loop.job import input_device
+    from qlora_core.loop.model import input_device
 
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(input_device(model))
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True,

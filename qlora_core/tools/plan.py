@@ -774,7 +774,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
          upcast: bool | None = None) -> Plan:
     """Plan a run of ``model_name_or_path`` (default: the config's ``model.name_or_path``) with ``config``.
 
-    :param config: a resolved :class:`~qlora_core.framework.config.Config`, or what :func:`qlora_core.loop.job.resolve`
+    :param config: a resolved :class:`~qlora_core.framework.config.Config`, or what :func:`qlora_core.resolve`
         takes (a YAML path, a mapping, ``None`` for the embedded default job).
     :param gpus: GPUs the run is spread over with FSDP: the weights, LoRA weights, gradients and optimizer
         states are divided by it; the activations per GPU are not.
@@ -789,7 +789,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
     """
     from qlora_core.framework.config import Config
     from qlora_core.framework.plugins import PluginSet
-    from qlora_core.loop.job import resolve
+    from qlora_core.loop.setup import resolve
 
     if gpus < 1:
         raise UsageError(f"--gpus must be at least 1 (got {gpus})")

@@ -1,0 +1,468 @@
+"""The training loop: the run's accelerator, distribution, optimizer and schedule, the steps with their
+micro-batches and out-of-memory retry, evaluation, samples, checkpoints, the exports, and the callbacks at each
+stage (:mod:`qlora_core.hookspecs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_core.framework.errors import UsageError
+from qlora_core.framework.types import Run
+from qlora_core.loop.batching import Batching
+from qlora_core.loop.data import IGNORE_INDEX, padding_waste, real_tokens
+from qlora_core.loop.determinism import deterministic
+from qlora_core.loop.loss import check_packed_attention, compute_loss
+from qlora_core.loop.model import input_device
+from qlora_core.loop.record import RunRecord, RunResult, prepare_output_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from qlora_core.loop.job import Job
+
+
+def make_accelerator(cpu: bool, fp16: bool) -> Any:
+    """The run's ``accelerate.Accelerator``: processes, devices, gradient synchronisation, the fp16 loss scaler.
+
+    The loop autocasts to the compute dtype itself (:meth:`Trainer._autocast`), so accelerate's mixed precision is
+    asked for only where a loss scaler is needed (fp16) and otherwise left as the process has it: a Python caller
+    may run jobs of several compute dtypes, or a job after an Accelerator of its own, in one process (accelerate
+    keeps one state per process and refuses another precision once it is set).
+    """
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(cpu=cpu, mixed_precision="fp16" if fp16 else None)
+    except ValueError as e:
+        raise UsageError(f"this process already runs accelerate with another mixed precision than a float16 "
+                         f"run needs ({str(e).splitlines()[0]}); run it in a process of its own") from None
+
+
+def _busiest_gpu_peak_gib(device, world: int) -> float:
+    """The peak allocated GPU memory since the last reset, in GiB: the largest over the processes."""
+    import torch
+
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return float(peak) / 2**30
+
+
+def _agree(control, world: int, device) -> None:
+    """Across processes a flag a callback set on any one of them counts for all, so every process acts alike."""
+    if world <= 1:
+        return
+    import torch
+
+    asked = torch.tensor([control.should_stop, control.should_save, control.should_evaluate], dtype=torch.int32,
+                         device=device)
+    torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
+    control.should_stop, control.should_save, control.should_evaluate = (bool(x) for x in asked.tolist())
+
+
+class Trainer:
+    """Trains a job's loaded model on its loaded data (:meth:`train`), and evaluates it (:meth:`evaluate`).
+
+    :param job: the :class:`~qlora_core.loop.job.Job` whose config, plugins, tokenizer, data and model it uses.
+    """
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        self.config = job.config
+        self.hook = job.hook
+        self.batching = Batching(job.config, job.hook, job.tokenizer.pad_token_id, job.train_examples)
+        self._packing_checked = False
+
+    def train(self) -> RunResult:
+        """Train the loaded model on the loaded data; write metrics, checkpoints, exports and the run's record.
+
+        A job made with ``resume=RUN_DIR`` continues from that folder's latest complete checkpoint.
+        """
+        import torch
+        from transformers import get_scheduler
+
+        from qlora_core.loop.checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint
+
+        cfg = self.config
+        accelerator = make_accelerator(cpu=self.job.device == "cpu",
+                                       fp16=self.job.device == "cuda" and self.job.compute_dtype == torch.float16)
+        if self.job.resume_from is not None:
+            out = Path(self.job.resume_from)
+        elif accelerator.is_main_process:
+            out = prepare_output_dir(self.job.output_dir, self.job.overwrite)
+        else:
+            out = Path(self.job.output_dir or "runs/unnamed")
+        accelerator.wait_for_everyone()  # the run folder exists before any process goes on
+        ckpt = None
+        if self.job.resume_from is not None:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
+                                 f"(checkpoints are written every train.save_steps steps)")
+            load_adapter_weights(ckpt, self.job.model)  # before a plugin shards the model
+        model = self.hook.qlora_distribute_model(model=self.job.model, accelerator=accelerator, config=cfg)
+        self.job.distributed_by_plugin = model is not None
+        if model is None:
+            # DDP across processes; one process trains the model as it is (accelerate would only wrap its forward
+            # in an autocast of the process's precision, which the loop does itself).
+            model = accelerator.prepare_model(self.job.model, device_placement=False) \
+                if accelerator.num_processes > 1 else self.job.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        chosen = self.hook.qlora_optimizer_params(params=params, model=model, config=cfg)
+        if chosen is not None:
+            params = list(chosen)  # what the optimizer steps and gradient clipping works on
+        optimizer = self.hook.qlora_optimizer(params=params, config=cfg)
+        if optimizer is None:
+            raise UsageError("no optimizer plugin is active; add one, e.g. --plugin adamw")
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+        per_step = self.batching.examples_per_step(accelerator.num_processes)
+        if cfg["train.max_steps"] > 0:
+            max_steps = cfg["train.max_steps"]
+        else:
+            max_steps = max(1, math.ceil(cfg["train.num_train_epochs"] * len(self.job.train_examples) / per_step))
+        scheduler = self.hook.qlora_lr_scheduler(optimizer=optimizer, num_training_steps=max_steps, config=cfg)
+        if scheduler is None:
+            scheduler = get_scheduler(cfg["train.lr_scheduler_type"], optimizer,
+                                      num_warmup_steps=cfg["train.warmup_steps"], num_training_steps=max_steps)
+
+        state = TrainState(micro_batch_size=cfg["train.per_device_train_batch_size"])
+        rng = None
+        if ckpt is not None:
+            saved, rng = load_checkpoint(ckpt, None, optimizer, scheduler)
+            state = TrainState(**saved)
+            if state.step >= max_steps:
+                raise UsageError(f"the run already reached step {state.step} of {max_steps}; raise "
+                                 f"train.max_steps (--set train.max_steps=N) to train further")
+
+        run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
+                  device=str(accelerator.device), compute_dtype=str(self.job.compute_dtype).replace("torch.", ""),
+                  model=model, tokenizer=self.job.tokenizer, accelerator=accelerator,
+                  num_train_examples=len(self.job.train_examples), num_eval_examples=len(self.job.eval_examples),
+                  max_micro_batch_tokens=self.batching.max_micro_batch_tokens(), notify=self.hook.qlora_on_notice)
+        run.step = state.step
+        if ckpt is not None:
+            self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
+        if self.job.num_parameters:
+            from qlora_core.tools.plan import guidance_warnings
+
+            for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes):
+                self.hook.qlora_on_notice(run=run, message=message)
+        if cfg["train.packing"]:
+            with self._autocast():
+                self._check_packing(model)
+        if state.step == 0:
+            # This process's micro-batches of the first epoch, in the order they will be trained on.
+            mine = self.batching.step_examples(0, len(self.job.train_examples), accelerator.process_index,
+                                       accelerator.num_processes)
+            waste = padding_waste(mine, state.micro_batch_size)
+            if cfg["train.packing"]:
+                waste["packed_filler_waste"] = self.batching.filler_waste(mine, state.micro_batch_size)
+            state.summary["padding_waste"] = waste
+            if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
+                self.hook.qlora_on_notice(run=run, message=self.batching.padding_message(waste))
+        record = RunRecord(out, accelerator.is_main_process)
+        if state.step:
+            record.resume(cfg, self.job.plugins, state.step)
+        else:
+            record.start(cfg, self.job.plugins)
+        try:
+            with deterministic(cfg["train.deterministic"]):
+                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params)
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            record.finish(status, error=e)
+            self.hook.qlora_on_train_failed(run=run, error=e, status=status)
+            raise
+        record.finish("completed")
+        return result
+
+    def _loop(self, run: Run, model, optimizer, scheduler, accelerator, record: "RunRecord", state: "TrainState",
+              rng: dict | None, params: list) -> RunResult:
+        """The steps, the evaluations, the checkpoints and the exports; ``params``: what the optimizer steps (and
+        gradient clipping works on)."""
+        import torch
+
+        from qlora_core.loop.checkpoint import save_checkpoint, set_rng_state
+
+        cfg = self.config
+        hook = self.hook
+        device = accelerator.device
+        world, rank = accelerator.num_processes, accelerator.process_index
+        per_step = self.batching.examples_per_step(world)
+        n = len(self.job.train_examples)
+        if state.step == 0:
+            if self.job.eval_examples:
+                ev = self.evaluate(model, accelerator)
+                state.summary["eval_loss_before"] = ev["eval_loss"]
+                record.metric({"step": 0, **ev})
+                hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
+            self._show_sample(run, "before")
+        run.step = state.step
+        hook.qlora_on_train_start(run=run)
+        if rng is not None:
+            set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
+
+        if device.type == "cuda":
+            # Loading (and FSDP's sharding, which starts from the whole model on each GPU) and the evaluation
+            # before training peak apart from training: both are reported, the per-step figures training's own.
+            state.summary.setdefault("peak_gpu_memory_loading_gib", _busiest_gpu_peak_gib(device, world))
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        started = time.perf_counter() - state.train_seconds
+        for step in range(state.step + 1, run.max_steps + 1):
+            t0 = time.perf_counter()
+            examples = self.batching.step_examples(state.examples_seen, per_step, rank, world)
+            lr = scheduler.get_last_lr()[0]
+            hook.qlora_on_step_begin(run=run, step=step)
+            loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
+            hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
+            grad_norm = None
+            if cfg["train.max_grad_norm"] > 0:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_before = state.examples_seen // n
+            state.examples_seen += per_step
+            state.step = run.step = step
+            step_loss = loss_sum / n_targets
+            if not math.isfinite(step_loss):
+                raise UsageError(f"the loss became {step_loss} at step {step}; lower train.learning_rate "
+                                 f"(now {cfg['train.learning_rate']:g}) or train.max_grad_norm")
+            seconds = time.perf_counter() - t0
+            state.all_tokens += tokens
+            metrics = {"step": step, "epoch": round(state.examples_seen / n, 4), "loss": step_loss,
+                       "learning_rate": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
+                       "elapsed": time.perf_counter() - started}
+            if device.type == "cuda":
+                metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            state.summary.setdefault("first_loss", step_loss)
+            w = state.window
+            w["loss"] += loss_sum
+            w["targets"] += n_targets
+            w["tokens"] += tokens
+            w["seconds"] += seconds
+            hook.qlora_on_step_end(run=run, metrics=metrics)
+            if step % cfg["train.logging_steps"] == 0 or step == run.max_steps or run.control.should_stop:
+                logged = dict(metrics, loss=w["loss"] / w["targets"],
+                              tokens_per_second=w["tokens"] / max(w["seconds"], 1e-9))
+                record.metric(logged)
+                hook.qlora_on_log(run=run, metrics=logged)
+                state.summary["train_loss"] = logged["loss"]
+                state.window = dict(_EMPTY_WINDOW)
+            epochs_done = state.examples_seen // n
+            for epoch in range(epoch_before + 1, epochs_done + 1):
+                hook.qlora_on_epoch_end(run=run, epoch=epoch)
+            control = run.control
+            _agree(control, world, device)
+            if self.job.eval_examples and step != run.max_steps and not control.should_stop and (
+                    control.should_evaluate or (cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0)):
+                ev = {"step": step, **self.evaluate(model, accelerator)}
+                record.metric(ev)
+                hook.qlora_on_evaluate(run=run, metrics=ev)
+                _agree(control, world, device)  # an evaluation callback may ask to stop (early stopping)
+            stopping = control.should_stop and step != run.max_steps
+            strategy = cfg["train.save_strategy"]
+            save = step != run.max_steps and (
+                control.should_save
+                or (stopping and strategy != "no")
+                or (strategy == "steps" and step % cfg["train.save_steps"] == 0)
+                or (strategy == "epoch" and epochs_done > epoch_before))
+            control.should_stop = control.should_save = control.should_evaluate = False
+            if save:
+                state.train_seconds = time.perf_counter() - started
+                if run.is_main_process:
+                    path = save_checkpoint(run.output_dir, step, accelerator.unwrap_model(model), optimizer,
+                                           scheduler, state.to_dict(), cfg, self.job.plugins,
+                                           keep=cfg["train.save_total_limit"])
+                    hook.qlora_on_save(run=run, path=path)
+                accelerator.wait_for_everyone()
+            if stopping:
+                state.summary["stopped_at_step"] = step
+                hook.qlora_on_notice(run=run, message=f"a plugin stopped the run after step {step} of "
+                                                      f"{run.max_steps}")
+                break
+        summary = state.summary
+        summary["steps"] = run.step
+        train_seconds = time.perf_counter() - started
+        summary["train_seconds"] = train_seconds
+        summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
+        if device.type == "cuda":
+            summary["peak_gpu_memory_gib"] = _busiest_gpu_peak_gib(device, world)
+        if self.job.eval_examples:
+            ev = {"step": run.step, **self.evaluate(model, accelerator)}
+            summary["eval_loss_after"] = ev["eval_loss"]
+            record.metric(ev)
+            hook.qlora_on_evaluate(run=run, metrics=ev)
+        self._show_sample(run, "after")
+        exports: list[Path] = []
+        if run.is_main_process:
+            for path in hook.qlora_export(run=run, model=model, tokenizer=self.job.tokenizer, output_dir=run.output_dir):
+                if path is not None:
+                    exports.append(Path(path))
+                    hook.qlora_on_save(run=run, path=Path(path))
+        accelerator.wait_for_everyone()
+        hook.qlora_on_train_end(run=run, summary=summary)
+        record.summary = summary
+        return RunResult(run.output_dir, run.step, record.metrics, summary, exports)
+
+    def _forward_backward(self, model, examples, state, accelerator, run) -> tuple[float, int, int]:
+        """Forward and backward over one optimizer step's examples, split into micro-batches: of
+        ``micro_batch_size`` examples, or with ``train.packing`` of up to ``micro_batch_size x max_seq_length``
+        tokens each (the same examples make the same step either way).
+
+        Out of GPU memory with ``train.auto_find_batch_size``, the micro-batch is halved (and so the number of
+        micro-batches, the gradient accumulation, doubled: the same examples make the same step) and the step
+        is tried again. Returns (loss summed over answer tokens, answer tokens, tokens), over all processes.
+        """
+        import torch
+
+        cfg = self.config
+        device = input_device(model, accelerator.device)
+        world = accelerator.num_processes
+        while True:
+            size = state.micro_batch_size
+            groups = self.batching.micro_batches(examples, size)
+            batches = [{k: v.to(device) for k, v in self.batching.collate(group).items()} for group in groups]
+            targets = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+                                   device=device)
+            tokens = torch.tensor(sum(real_tokens(b) for b in batches), device=device)
+            if world > 1:
+                targets = accelerator.reduce(targets, reduction="sum")
+                tokens = accelerator.reduce(tokens, reduction="sum")
+            n_targets = max(1, int(targets))
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            try:
+                for i, batch in enumerate(batches):
+                    sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+                    with sync, self._autocast():
+                        part, _ = self._loss(model, batch)
+                        # Normalise by the answer tokens of the whole step (all micro-batches, all processes),
+                        # not per micro-batch; DDP/FSDP average gradients over processes, hence the factor.
+                        accelerator.backward(part * world / n_targets)
+                    loss_sum += part.detach().double()
+            except torch.OutOfMemoryError:
+                del batches
+                model.zero_grad(set_to_none=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if not cfg["train.auto_find_batch_size"] or size == 1:
+                    raise UsageError(self._oom_message(run, size)) from None
+                state.micro_batch_size = size // 2
+                accum = math.ceil(len(examples) / state.micro_batch_size)
+                self.hook.qlora_on_notice(
+                    run=run, message=f"out of GPU memory at step {state.step + 1}: micro-batch {size} -> "
+                                     f"{state.micro_batch_size}, gradient accumulation -> {accum} "
+                                     f"(the effective batch is unchanged); going on")
+                continue
+            if world > 1:
+                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+            return float(loss_sum), n_targets, int(tokens)
+
+    def evaluate(self, model: Any = None, accelerator: Any = None) -> dict[str, float]:
+        """Mean loss per answer token over the held-out data (and its perplexity)."""
+        import torch
+
+        model = model if model is not None else self.job.model
+        device = input_device(model)
+        was_training = model.training
+        model.eval()
+        bs = self.config["train.per_device_eval_batch_size"]
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = 0
+        ctx = self._autocast()
+        with torch.no_grad(), ctx:
+            if self.config["train.packing"]:
+                self._check_packing(model)
+            for i in range(0, len(self.job.eval_examples), bs):
+                batch = {k: v.to(device) for k, v in self.batching.collate(self.job.eval_examples[i:i + bs]).items()}
+                loss, n = self._loss(model, batch)
+                total += loss.double()
+                tokens += n
+        if was_training:
+            model.train()
+        loss = float(total) / max(1, tokens)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+    def _check_packing(self, model) -> None:
+        """Refuse packing for a model whose attention would cross the packed examples, probing it with the
+        micro-batches the run makes (:meth:`_collate`)."""
+        if not self._packing_checked:
+            check_packed_attention(model, self.batching.collate)
+            self._packing_checked = True
+
+    def _autocast(self):
+        """Autocast to the compute dtype on a GPU (bf16 or fp16); float32 and the CPU compute as they are."""
+        import torch
+
+        if self.job.device != "cuda" or self.job.compute_dtype not in (torch.bfloat16, torch.float16):
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.job.compute_dtype)
+
+    def _loss(self, model, batch) -> "tuple[torch.Tensor, int]":
+        return compute_loss(self.hook, self.config, model, batch)
+
+    def _show_sample(self, run: Run, stage: str) -> None:
+        n = self.config["train.sample_max_new_tokens"]
+        if self.job.sample is None or n == 0:
+            return
+        if self.job.distributed_by_plugin:
+            # Generation calls the model's inner modules, around the wrapper: a sharded model cannot run it.
+            if stage == "before":
+                self.hook.qlora_on_notice(run=run, message="no sample answers while the model is sharded across "
+                                                           "processes; after the run: qlora generate RUN_DIR")
+            return
+        if not run.is_main_process:
+            return
+        prompt, reference = self.job.sample.prompt_and_answer()
+        completion = self.job.generate(prompt, n, self.job.sample.add_special_tokens, model=run.model)
+        eos = self.job.tokenizer.eos_token or ""
+        reference = reference[: -len(eos)] if eos and reference.endswith(eos) else reference
+        self.hook.qlora_on_sample(run=run, stage=stage, prompt=prompt, completion=completion,
+                                  reference=reference.strip())
+
+    def _oom_message(self, run: Run, size: int) -> str:
+        from qlora_core.loop.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(run.output_dir)
+        kept = f"; the last checkpoint, {ckpt}, is kept (resume with qlora run --resume {run.output_dir})" \
+            if ckpt else ""
+        return (f"out of GPU memory at step {run.step + 1} with a micro-batch of {size}: set "
+                f"train.auto_find_batch_size=true, or lower train.per_device_train_batch_size and raise "
+                f"train.gradient_accumulation_steps, lower lora.r or train.max_seq_length, keep gradient "
+                f"checkpointing on, or add --plugin cpu-offload{kept}")
+
+
+_EMPTY_WINDOW = {"loss": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, besides the weights and the optimizer: what a checkpoint needs to continue exactly.
+
+    :ivar step: optimizer steps taken.
+    :ivar examples_seen: position in the endless stream of training examples (epoch after epoch).
+    :ivar micro_batch_size: per-device micro-batch (halved by ``train.auto_find_batch_size`` on OOM).
+    :ivar window: sums since the last logged step (loss, answer tokens, tokens, seconds).
+    :ivar summary: figures for the end-of-run summary gathered so far.
+    """
+
+    step: int = 0
+    examples_seen: int = 0
+    micro_batch_size: int = 1
+    window: dict[str, float] = field(default_factory=lambda: dict(_EMPTY_WINDOW))
+    summary: dict[str, Any] = field(default_factory=lambda: {"eval_loss_before": None, "eval_loss_after": None})
+    all_tokens: int = 0
+    train_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
