@@ -207,3 +207,23 @@ def test_out_of_memory_without_auto_find_batch_size_stops_with_the_remedies(tiny
 def test_resume_refuses_a_config_or_plugins():
     with pytest.raises(UsageError, match="--resume continues a run with its own config.yaml"):
         Job({"lora": {"r": 4}}, resume="runs/x")
+
+
+def test_a_run_folder_keeps_working_with_keys_of_a_plugin_it_left_out(tiny_config, tmp_path):
+    """A run folder whose config.yaml holds a key that only a plugin the run turned off declares (as a folder
+    written when the core still declared it) is evaluated and resumed; a user's config with it is refused."""
+    from qlora_core import ConfigError, resolve
+
+    cfg = dict(tiny_config, train={**tiny_config["train"], "save_steps": 1, "max_steps": 2})
+    cfg["plugins"] = ["no:fused-lora", "no:rich-progress"]
+    Job(cfg, output_dir=tmp_path / "run").run()
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert "fused_lora" not in saved["train"]
+    saved["train"]["fused_lora"] = "auto"
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert "train.fused_lora" not in Job.from_run(tmp_path / "run").config.options
+    result = Job(resume=tmp_path / "run", overrides=["train.max_steps=3"]).run()
+    assert result.steps == 3
+    with pytest.raises(ConfigError, match=r"train\.fused_lora: unknown key"):
+        resolve(saved)

@@ -30,12 +30,14 @@ class Job:
 
     ``Job(config, plugins=[...], overrides=["lora.r=32"], output_dir="runs/x").run()`` is what
     ``qlora run CONFIG --plugin ... --set ... --output ...`` does. The steps are also usable one by one:
-    :meth:`load_tokenizer`, :meth:`load_data`, :meth:`load_model`, :meth:`train`.
+    :meth:`load_tokenizer`, :meth:`load_data`, :meth:`load_model`, :meth:`train`. With ``run_folder`` the config
+    is a run folder's ``config.yaml`` (as for ``resume`` and :meth:`from_run`): keys of plugins the run left out
+    are dropped instead of refused.
     """
 
     def __init__(self, config: str | Path | Mapping[str, Any] | None = None, *, plugins: Sequence[str] = (),
                  overrides: Sequence[Any] = (), output_dir: str | Path | None = None, overwrite: bool = False,
-                 resume: str | Path | None = None):
+                 resume: str | Path | None = None, run_folder: bool = False):
         self.resume_from: Path | None = None  # the run folder this job continues
         if resume is not None:
             if config is not None or plugins:
@@ -43,7 +45,7 @@ class Job:
                                  "or --plugin (--set may change keys such as train.max_steps)")
             config, output_dir, overwrite = run_config_file(resume), None, False
             self.resume_from = Path(resume)
-        self.config, self.plugins = resolve(config, plugins, overrides)
+        self.config, self.plugins = resolve(config, plugins, overrides, run_folder=run_folder or resume is not None)
         if self.config["train.deterministic"]:
             prepare_environment()  # before anything starts cuBLAS
         self.device = pick_device()
@@ -137,7 +139,7 @@ class Job:
         """The job of a finished (or checkpointed) run, rebuilt from its ``config.yaml`` with the same plugins;
         for evaluation, generation and merging. It has no output folder: nothing is written unless a caller
         does."""
-        return cls(run_config_file(run_dir), overrides=overrides)
+        return cls(run_config_file(run_dir), overrides=overrides, run_folder=True)
 
     # ------------------------------------------------------------------ training
 

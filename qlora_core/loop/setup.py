@@ -6,6 +6,7 @@ Nothing heavy is imported here: ``qlora run`` and ``qlora plan`` resolve a run b
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -39,9 +40,15 @@ def _optimizer_plugin_names(eps) -> list[str]:
 
 
 def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
-            overrides: Sequence[str] | Sequence[tuple[str, Any]] = ()) -> tuple[Config, PluginSet]:
+            overrides: Sequence[str] | Sequence[tuple[str, Any]] = (), *,
+            run_folder: bool = False) -> tuple[Config, PluginSet]:
     """Turn a config file (or dict, or the embedded default), ``--plugin`` names and ``--set`` overrides into a
-    validated :class:`Config` and the :class:`PluginSet` taking part in the run."""
+    validated :class:`Config` and the :class:`PluginSet` taking part in the run.
+
+    :param run_folder: the config is a run folder's ``config.yaml`` (resuming, evaluating, merging): a key that
+        only a plugin the run left out declares is dropped, not refused. Such a folder may come from a release
+        whose core declared keys a plugin declares now (``train.fused_lora`` in a run with ``no:fused-lora``).
+    """
     if config is None:
         data = default_config_data()
     elif isinstance(config, Mapping):
@@ -68,8 +75,31 @@ def resolve(config: str | Path | Mapping[str, Any] | None = None, plugins: Seque
     options = list(CORE_OPTIONS)
     for extra in plugin_set.hook.qlora_config_options():
         options.extend(extra or [])
+    if run_folder:
+        data = _without_keys(data, _inactive_plugin_keys({o.key for o in options}))
     cfg = build_config(data, options, requested + [f"no:{b}" for b in blocked])
     return cfg, plugin_set
+
+
+def _inactive_plugin_keys(active: set[str]) -> set[str]:
+    """Config keys that installed plugins declare and the run's options do not."""
+    from qlora_core.framework.plugins import installed_plugin_manager
+
+    declared = {o.key for offered in installed_plugin_manager().hook.qlora_config_options() for o in offered or []}
+    return declared - active
+
+
+def _without_keys(data: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
+    """Nested ``data`` without the dotted ``keys``."""
+    out = copy.deepcopy(dict(data))
+    for key in keys:
+        *parents, last = key.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def pick_device() -> str:
