@@ -88,6 +88,16 @@ def qlora_configure(config, device) -> None:
         config.set("train.compile", False)
 
 
+@hookimpl
+def qlora_plan_settings(settings, config) -> None:
+    # What qlora_configure and qlora_distribute_model do to the run's memory: the base weights sharded and
+    # stored in the compute dtype, no fp32 upcast, the adapters (with their gradients and optimizer states)
+    # whole on every process.
+    settings.shards_weights = True
+    settings.upcast = False
+    settings.shard_adapters = False
+
+
 def decoder_layer_class(model, name: str | None = None) -> type:
     """The class of the model's decoder layers: the members of its ModuleList of ``num_hidden_layers`` modules,
     or the module class called ``name``."""

@@ -14,6 +14,15 @@ from qlora_core import hookimpl
 
 
 @hookimpl
+def qlora_plan_settings(settings, config) -> None:
+    from qlora_core import auto_on
+
+    settings.checkpointing = True  # qlora plan keeps it only where the model supports checkpointing
+    # auto offloads on CUDA, which is what qlora plan estimates for
+    settings.offload = auto_on(config.get("train.activation_offload", "auto"), True)
+
+
+@hookimpl
 def qlora_prepare_model(model, config) -> None:
     from qlora_core import auto_on
     from qlora_core.layers import checkpoint_layers
