@@ -23,6 +23,22 @@ def qlora_plan_settings(settings, config) -> None:
 
 
 @hookimpl
+def qlora_bench_variants():
+    return {
+        "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
+                                 "set": ["train.lean_recompute=false"], "ablation": True},
+        # compiled layers (train.compile), here until compiling has a plugin of its own
+        "qlora+compile": {"help": "with torch.compile of the decoder layers (off by default around the fused LoRA "
+                                  "op)", "set": ["train.compile=true"], "ablation": True},
+        "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
+                          "set": ["train.activation_offload=false"], "ablation": True},
+        "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
+                         "set": ["train.gpu_memory_budget=40"], "ablation": True},
+        "qlora-checkpointing": {"help": "no gradient checkpointing at all", "plugins": ["no:gradient-checkpointing"]},
+    }
+
+
+@hookimpl
 def qlora_prepare_model(model, config) -> None:
     from qlora_core import auto_on
     from qlora_core.layers import checkpoint_layers

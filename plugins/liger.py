@@ -24,3 +24,9 @@ def qlora_prepare_model(model, config) -> None:
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
     model._qlora_liger = "applied"
+
+
+@hookimpl
+def qlora_bench_variants():
+    return {"qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"],
+                            "ablation": True}}

@@ -93,6 +93,16 @@ def use_float32_kernels(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@hookimpl
+def qlora_bench_variants():
+    return {
+        "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
+                              "set": ["quant.fp32_upcast=true"], "ablation": True},
+        # qlora's own NF4 kernel (train.fast_dequant), here until that lever has a plugin of its own
+        "qlora-fast-dequant": {"help": "bitsandbytes' dequantization (three launches) instead of qlora's single NF4 "
+                                       "kernel (train.fast_dequant=false)", "set": ["train.fast_dequant=false"],
+                               "ablation": True},
+    }
 
 
 @hookimpl

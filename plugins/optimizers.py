@@ -18,10 +18,11 @@ class AdamWPlugin:
     to page, so there the same optimizer runs unpaged (bitsandbytes would fall back to that itself).
     """
 
-    def __init__(self, name: str, kind: str, state_bytes: int):
+    def __init__(self, name: str, kind: str, state_bytes: int, bench_variant: tuple[str, str] | None = None):
         self.name = name
         self.kind = kind
         self.state_bytes = state_bytes
+        self.bench_variant = bench_variant  # (name, help) of the qlora bench variant that requests it
 
     @hookimpl
     def qlora_optimizer(self, params, config):
@@ -44,11 +45,20 @@ class AdamWPlugin:
         settings.optimizer = self.name
         settings.optimizer_bytes = self.state_bytes
 
+    @hookimpl
+    def qlora_bench_variants(self):
+        if self.bench_variant is None:
+            return {}
+        name, help_text = self.bench_variant
+        return {name: {"help": help_text, "plugins": [self.name]}}
+
     def __repr__(self) -> str:
         return f"AdamWPlugin({self.name!r}, {self.kind!r}, {self.state_bytes})"
 
 
 paged_adamw_8bit = AdamWPlugin("paged-adamw-8bit", "PagedAdamW8bit", 2)
 paged_adamw_32bit = AdamWPlugin("paged-adamw-32bit", "PagedAdamW32bit", 8)
-adamw_8bit = AdamWPlugin("adamw-8bit", "AdamW8bit", 2)
-adamw = AdamWPlugin("adamw", "torch", 8)
+adamw_8bit = AdamWPlugin("adamw-8bit", "AdamW8bit", 2,
+                        bench_variant=("qlora+adamw-8bit", "bitsandbytes' 8-bit AdamW without paging"))
+adamw = AdamWPlugin("adamw", "torch", 8,
+                    bench_variant=("qlora+torch-adamw", "torch's AdamW (32-bit states, multi-tensor kernels)"))

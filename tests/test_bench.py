@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.tools.bench import ABLATIONS, VARIANTS, compare, make_sequences, parse_variant
-from qlora_core.framework.errors import UsageError
+from qlora_core.cli import main as cli_main
+from qlora_core.framework.errors import PluginError, UsageError
+from qlora_core.tools.bench import ablations, compare, make_sequences, named_variants, parse_variant
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -96,8 +97,69 @@ def test_each_lever_is_compared_with_the_defaults_and_the_seed():
     assert "speedup_vs_qlora" not in seed and "speedup_vs_qlora" not in ours and set(broken) == {"variant", "error"}
 
 
+def test_the_variants_come_from_the_core_and_every_installed_plugin():
+    known = named_variants()
+    assert list(known)[:3] == ["seed", "seed-trainer", "qlora"]  # the recipes with their own code, then qlora's
+    assert callable(known["seed"]["run"])  # the guide-recipe plugin's code
+    assert known["qlora-liger"]["plugins"] == ["no:liger-kernels"]  # offered by the liger-kernels plugin
+    assert known["qlora+adamw-8bit"]["plugins"] == ["adamw-8bit"]  # by the adamw-8bit plugin itself
+    order = ablations(known)
+    assert order[:3] == ["seed", "seed-trainer", "qlora"]
+    assert {"qlora-offload", "qlora+fp32-upcast", "qlora-fused-loss"} <= set(order) <= set(known)
+    assert "qlora+packing" not in order and "qlora+torch-adamw" not in order  # not marked as ablations
+
+
+def _installed(monkeypatch, plugins):
+    """Installed plugins as ``qlora bench`` finds them: ``{name: object, or an exception its import raises}``."""
+    import types
+
+    import qlora_core.framework.plugins as framework
+
+    def load(obj):
+        if isinstance(obj, Exception):
+            raise obj
+        return obj
+
+    eps = {name: types.SimpleNamespace(load=lambda obj=obj: load(obj)) for name, obj in plugins.items()}
+    monkeypatch.setattr(framework, "entry_points", lambda: eps)
+
+
+def _offering(**offered):
+    from qlora_core import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def qlora_bench_variants(self):
+            return offered
+
+    return Plugin()
+
+
+def test_a_variant_offered_twice_is_an_error_naming_both_plugins(monkeypatch):
+    twice = {"help": "x", "set": ["lora.r=8"]}
+    _installed(monkeypatch, {"one": _offering(mine=twice), "two": _offering(mine=twice),
+                             "broken": ImportError("no module named nothing")})
+    with pytest.raises(PluginError, match="'mine' is offered by both 'one' and 'two'"):
+        named_variants()
+
+
+def test_a_plugin_that_fails_to_import_offers_nothing(monkeypatch):
+    _installed(monkeypatch, {"broken": ImportError("no module named nothing"),
+                             "mine": _offering(**{"qlora+mine": {"help": "mine", "set": ["lora.r=8"],
+                                                                 "ablation": True}})})
+    assert list(named_variants()) == ["qlora", "qlora+mine"]
+    assert ablations() == ["qlora", "qlora+mine"]
+
+
+def test_bench_help_lists_the_plugins_variants(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("seed-trainer", "qlora-liger", "qlora-offload", "qlora+adamw-8bit"):
+        assert name in out
+
+
 def test_variants_by_name_and_by_overrides():
-    assert set(ABLATIONS) <= set(VARIANTS) and "seed" in ABLATIONS and "qlora" in ABLATIONS
     name, spec = parse_variant("mine=train.compile=false,plugin:no:gradient-checkpointing,lora.r=8")
     assert name == "mine"
     assert spec["set"] == ["train.compile=false", "lora.r=8"]
