@@ -96,8 +96,9 @@ def check_layers(results: dict) -> None:
     import torch
 
     from qlora_core.layers import checkpoint_layers, compile_layers, set_checkpointed_layers
-    from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
+    from qlora_core.tools.shapes import SHAPES, write_config_folder
     from qlora_core.loop.job import Job, _token_loss_sum
+    from qlora_plugins.random_weights import build_direct
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
     folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")

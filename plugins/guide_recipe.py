@@ -69,7 +69,7 @@ def _build(args: dict[str, Any], model_dir: Path, device: str):
     """The shape's model with random weights straight into 4 bits; its build time and weights' memory."""
     import torch
 
-    from qlora_core.tools.shapes import build_direct
+    from qlora_plugins.random_weights import build_direct
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()

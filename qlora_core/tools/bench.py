@@ -1,9 +1,9 @@
 """``qlora bench``: the seed recipe and qlora's trainer, side by side, on the same shape, data and settings.
 
 One invocation measures every variant asked for, each in a fresh process (so one variant's memory, compiled
-code and allocator state cannot flatter or burden the next): the model of a real architecture's shape is built
-with random weights straight into 4 bits (:mod:`qlora_core.tools.shapes`; no checkpoint, no download), then
-measured in a variant:
+code and allocator state cannot flatter or burden the next): the model of a real architecture's shape
+(:mod:`qlora_core.tools.shapes`) is built with random weights straight into 4 bits by the ``random-weights``
+plugin (no checkpoint, no download), then measured in a variant:
 
 * ``qlora``: ``qlora run``'s own path (:class:`qlora_core.loop.job.Job`, its plugins and loop) with its defaults,
   the core's one variant;
@@ -222,17 +222,28 @@ def bench_memory() -> dict[str, float | None]:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
-def _build(args: dict[str, Any], model_dir: Path, device: str):
-    import torch
+def _watch(device: str) -> Any:
+    """A qlora plugin for the trainer's loop that notes what the bench reports of the run: when the base model
+    is loaded (the ``random-weights`` plugin builds it), the time since the plugin was made, the GPU memory the
+    weights take before any preparation, and the vocabulary size."""
+    from qlora_core import hookimpl
 
-    from qlora_core.tools.shapes import build_direct
+    class Watch:
+        started = time.perf_counter()
+        build_seconds: float | None = None
+        weights_gib: float | None = None
+        vocab = 0
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    model = build_direct(model_dir, device, dtype, seed=args["seed"])
-    _sync()
-    allocated = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
-    return model, dtype, time.perf_counter() - t0, allocated
+        @hookimpl
+        def qlora_model_loaded(self, model, config, for_training):
+            import torch
+
+            _sync()
+            self.build_seconds = time.perf_counter() - self.started
+            self.weights_gib = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
+            self.vocab = model.get_output_embeddings().weight.shape[0]
+
+    return Watch()
 
 
 class _BenchTokenizer:
@@ -247,7 +258,8 @@ class _BenchTokenizer:
 
 def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence[str],
               plugins: Sequence[str]) -> dict[str, Any]:
-    """qlora's trainer (``Job``) on the built model, with its plugins and loop, for ``steps`` steps."""
+    """qlora's trainer (``Job``) with its plugins and loop, for ``steps`` steps, on the shape's model with random
+    weights (the ``random-weights`` plugin, drawn from the bench's seed as the guide's recipe draws them)."""
     import torch
 
     from qlora_core.loop.data import TokenizedExample
@@ -260,20 +272,20 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
         ("train.max_seq_length", args["seq"]), ("train.learning_rate", args["learning_rate"]),
         ("train.lr_scheduler_type", "constant"), ("train.max_grad_norm", args["max_grad_norm"]),
         ("train.logging_steps", 1), ("train.save_strategy", "no"), ("train.sample_max_new_tokens", 0),
-        ("train.seed", args["seed"]), *sets,
+        ("train.seed", args["seed"]), ("random_weights.seed", args["seed"]), *sets,
     ]
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-run-"))
-    job = Job(None, plugins=["no:adapter-export", "no:rich-progress", *plugins], overrides=overrides,
-              output_dir=out / "run")
+    job = Job(None, plugins=["random-weights", "no:adapter-export", "no:rich-progress", *plugins],
+              overrides=overrides, output_dir=out / "run")
     if PROFILER.path:
         job.plugins.pm.register(PROFILER._hookimpl(), name="bench-profiler")
-    model, _, build_seconds, weights = _build(args, model_dir, device)
+    watch = _watch(device)
+    job.plugins.pm.register(watch, name="bench-watch")
     job.tokenizer = _BenchTokenizer()
-    job.load_model(base=model)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    job.load_model()
     total = args["warmup"] + args["steps"]
-    job.train_examples = [TokenizedExample(ids, list(ids)) for ids in
-                          make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))]
+    job.train_examples = [TokenizedExample(ids, list(ids)) for ids in make_sequences(
+        total * args["batch"], args["seq"], watch.vocab, args["seed"], args.get("min_len"))]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = job.run()
@@ -288,7 +300,7 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     loading = result.summary.get("peak_gpu_memory_loading_gib")
     if loading is not None and loading > memory["peak_allocated_gib"]:
         memory["peak_allocated_gib"] = loading
-    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
+    return {"build_seconds": watch.build_seconds, "weights_gib": watch.weights_gib, "steps": steps,
             "layers": policy.describe() if policy else None,
             "padding_waste": result.summary.get("padding_waste", {}).get(
                 "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **memory}
