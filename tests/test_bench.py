@@ -32,9 +32,13 @@ def qlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def ragged_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "config.json").write_text(json.dumps(TINY))
+    # The trainer announces its decoder layers on a GPU only; on the CPU this plugin does it for the test.
+    (tmp / "announce.py").write_text("from qlora_core import hookimpl\n\n@hookimpl\ndef qlora_on_train_start(run):\n"
+                                     "    run.notice('decoder layers: 2 of 2 recomputed, said a plugin')\n")
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
                  "--steps", "3", "--warmup", "1", "--learning-rate", "3e-3", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
-                 "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
+                 "--variant", "qlora+packing", "--variant", "broken=lora.r=-1",
+                 "--variant", f"announced=plugin:{tmp / 'announce.py'}", "--out", str(tmp / "r.json"),
                  "--profile", str(tmp / "profile"), cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((tmp / "r.json").read_text()), done.stdout, tmp / "profile"
@@ -69,6 +73,14 @@ def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
     assert "broken" in table
     assert report["settings"]["min_len"] == 8 and report["versions"]["torch"]
     assert report["settings"]["learning_rate"] == 3e-3 and "lr 0.003" in table
+
+
+def test_the_layers_are_reported_as_the_run_announces_them(ragged_report):
+    report, table, _ = ragged_report
+    by = {r["variant"]: r for r in report["results"]}
+    assert by["announced"]["layers"] == "2 of 2 recomputed, said a plugin"
+    assert "announced: 2 of 2 recomputed, said a plugin" in table
+    assert by["qlora"]["layers"] is None  # on the CPU the trainer announces none
 
 
 def test_profile_summarises_the_kernels_and_keeps_the_trace(ragged_report):

@@ -222,10 +222,16 @@ def bench_memory() -> dict[str, float | None]:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
+#: How a run's notice about its decoder layers begins (checkpointing, offload, compilation).
+LAYERS_NOTICE = "decoder layers: "
+
+
 def _watch(device: str) -> Any:
     """A qlora plugin for the trainer's loop that notes what the bench reports of the run: when the base model
     is loaded (the ``random-weights`` plugin builds it), the time since the plugin was made, the GPU memory the
-    weights take before any preparation, and the vocabulary size."""
+    weights take before any preparation, and the vocabulary size; and what the decoder layers do, as the run
+    announces it (the last ``decoder layers: ...`` notice; the trainer sends one before the first step, on a
+    GPU)."""
     from qlora_core import hookimpl
 
     class Watch:
@@ -233,6 +239,12 @@ def _watch(device: str) -> Any:
         build_seconds: float | None = None
         weights_gib: float | None = None
         vocab = 0
+        layers: str | None = None
+
+        @hookimpl
+        def qlora_on_notice(self, run, message):
+            if message.startswith(LAYERS_NOTICE):
+                self.layers = message[len(LAYERS_NOTICE):]
 
         @hookimpl
         def qlora_model_loaded(self, model, config, for_training):
@@ -292,16 +304,13 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
     rows = [m for m in result.metrics if "loss" in m and "tokens_per_second" in m]
     steps = [{"loss": m["loss"], "seconds": m["tokens"] / m["tokens_per_second"], "tokens": m["tokens"]}
              for m in rows]
-    from qlora_core.layers import layer_policy
-
-    policy = layer_policy(job.model)
     memory = bench_memory()
     # The trainer reports loading's peak apart and measures training's afresh; the bench's figure is both's.
     loading = result.summary.get("peak_gpu_memory_loading_gib")
     if loading is not None and loading > memory["peak_allocated_gib"]:
         memory["peak_allocated_gib"] = loading
     return {"build_seconds": watch.build_seconds, "weights_gib": watch.weights_gib, "steps": steps,
-            "layers": policy.describe() if policy else None,
+            "layers": watch.layers,
             "padding_waste": result.summary.get("padding_waste", {}).get(
                 "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **memory}
 
