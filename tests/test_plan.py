@@ -421,6 +421,10 @@ def test_several_gpus_want_bf16_quant_storage():
     assert any("quant_storage" in w for w in guidance_warnings(cfg, 8.03e9, gpus=2))
     fsdp = _config(train={"gradient_accumulation_steps": 4}, quant={"bnb_4bit_quant_storage": "bfloat16"})
     assert guidance_warnings(fsdp, 8.03e9, gpus=2) == []
+    # the storage FSDP needs is the compute dtype: float32 with float32 compute (the fsdp plugin's on the CPU)
+    fp32 = _config(train={"gradient_accumulation_steps": 4},
+                   quant={"bnb_4bit_quant_storage": "float32", "bnb_4bit_compute_dtype": "float32"})
+    assert guidance_warnings(fp32, 8.03e9, gpus=2) == []
 
 
 def test_the_fused_op_s_bf16_copy_of_the_adapters_is_counted(llama8b_dir):

@@ -243,9 +243,9 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
     * an effective batch (per device x accumulation x GPUs) below 8 (the guide: 64-128 for instruction
       tuning);
     * fp16 compute (the guide: "risky") or FP4 instead of NF4;
-    * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP); with
-      the plan's ``settings``, none when a plugin shards the weights (``shards_weights``: the ``fsdp`` plugin
-      sets the storage).
+    * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP), or the
+      compute dtype; with the plan's ``settings``, none when a plugin shards the weights (``shards_weights``: the
+      ``fsdp`` plugin sets the storage).
 
     The embedded default job (135M parameters, r 16, alpha 32, learning rate 1e-3, effective batch 8) gets
     none: its rate is 3.3x the 7B row's top, within the 22x a 135M model is allowed; :func:`guidance_notes` says
@@ -282,8 +282,13 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
                    "issues); it recommends bfloat16 (auto picks it where the GPU supports it)")
     if config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_type"] != "nf4":
         out.append(f"quant.bnb_4bit_quant_type={config['quant.bnb_4bit_quant_type']}: the guide recommends nf4")
-    sharded = settings is not None and settings.shards_weights  # the sharding plugin sets the storage it needs
-    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] != "bfloat16" \
+    # FSDP flattens the packed 4-bit weights with the layers' other parameters: the storage must be their dtype,
+    # the compute dtype (auto: bfloat16 on a GPU, float32 on the CPU). A plugin that shards the weights sets it
+    # in the run (the plan's settings say so; the plan does not run the plugins' qlora_configure).
+    compute = config["quant.bnb_4bit_compute_dtype"]
+    fits = {"bfloat16", "float32"} if compute == "auto" else {"bfloat16", compute}
+    sharded = settings is not None and settings.shards_weights
+    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] not in fits \
             and not sharded:
         out.append(f"{gpus} GPUs with quant.bnb_4bit_quant_storage={config['quant.bnb_4bit_quant_storage']}: the "
                    f"guide calls bnb_4bit_quant_storage=bfloat16 critical for FSDP (4-bit layers must be wrapped "
