@@ -151,7 +151,7 @@ def reload_and_generate(model_dir: Path, adapter: Path, random_weights: bool = F
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if random_weights:
-        from qlora_core.tools.shapes import build_direct
+        from qlora_plugins.random_weights import build_direct
 
         base = build_direct(model_dir, "cuda:0", torch.bfloat16, seed=0)
     else:

@@ -95,10 +95,11 @@ def check_layers(results: dict) -> None:
 
     import torch
 
-    from qlora_core.loop.job import Job
-    from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder
+    from qlora_core import Job
+    from qlora_core.tools.shapes import SHAPES, write_config_folder
     from qlora_plugins.fused_loss import token_loss_sum
     from qlora_plugins.layers import checkpoint_layers, compile_layers, layer_policy, set_checkpointed_layers
+    from qlora_plugins.random_weights import build_direct
 
     shape = dict(SHAPES["llama3-1b"], num_hidden_layers=4)
     folder = write_config_folder(shape, Path(tempfile.mkdtemp()) / "m")

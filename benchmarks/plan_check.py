@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_core.framework.errors import UsageError
-from qlora_core.tools.shapes import SHAPES, build_direct, write_config_folder  # noqa: F401 (re-exported)
+from qlora_core.tools.shapes import SHAPES, write_config_folder  # noqa: F401 (re-exported)
 from qlora_core.tools.shapes import shape_config as _shape_config
+from qlora_plugins.random_weights import build_direct
 
 GIB = 2 ** 30
 

@@ -219,6 +219,15 @@ class FSDP:
             self.average_adapter_grads = adapter_grad_averager(world, adapters)
         return wrapped
 
+    @hookimpl
+    def qlora_plan_settings(self, settings, config) -> None:
+        # What qlora_configure and qlora_distribute_model do to the run's memory: the base weights sharded and
+        # stored in the compute dtype, no fp32 upcast, the adapters (with their gradients and optimizer states)
+        # whole on every process.
+        settings.shards_weights = True
+        settings.upcast = False
+        settings.shard_adapters = False
+
     @hookimpl(tryfirst=True)
     def qlora_on_after_backward(self, run, model, optimizer) -> None:
         # First, so that the other plugins (flat-params' collect, a callback changing gradients) see averaged ones.

@@ -9,9 +9,12 @@ Llama-3-8B shape (``qlora bench``) and breaks FSDP's flattening of mixed dtypes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlora_core import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @hookimpl
@@ -93,6 +96,12 @@ def use_float32_kernels(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@hookimpl
+def qlora_bench_variants():
+    return {
+        "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
+                              "set": ["quant.fp32_upcast=true"], "ablation": True},
+    }
 
 
 @hookimpl

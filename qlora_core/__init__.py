@@ -39,6 +39,7 @@ from qlora_core.loop.job import Job  # noqa: E402
 from qlora_core.loop.loss import model_inputs  # noqa: E402
 from qlora_core.loop.record import RunResult  # noqa: E402
 from qlora_core.loop.setup import compute_dtype_for, resolve  # noqa: E402
+from qlora_core.tools.bench import bench_memory, bench_rows, bench_step_done  # noqa: E402
 from qlora_core.tools.evaluation import evaluate_run  # noqa: E402
 from qlora_core.tools.inference import (MERGE_DTYPES, format_prompt, generate, load_trained, merge,  # noqa: E402
                                         merge_adapter, resolve_dtype)
@@ -61,4 +62,6 @@ __all__ = [
     # tools
     "evaluate_run", "load_trained", "generate", "format_prompt", "merge", "merge_adapter", "resolve_dtype",
     "MERGE_DTYPES", "plan", "PlanSettings", "recommend", "guidance_warnings",
+    # for a qlora bench variant with its own code (a plugin's "run")
+    "bench_rows", "bench_step_done", "bench_memory",
 ]

@@ -1,4 +1,6 @@
-"""Render the core config keys (``qlora_core.framework.config.CORE_OPTIONS``) into docs/configuration.md.
+"""Render the config keys into docs/configuration.md: the core's (``qlora_core.framework.config.CORE_OPTIONS``)
+and those every built-in plugin declares (``qlora_config_options`` of the ``qlora`` distribution's entry points),
+each of these marked with its plugin.
 
 The tables go between the markers ``<!-- options:start -->`` and ``<!-- options:end -->``, and the embedded
 default job's config (``qlora_core/default_run.yaml``) between ``<!-- default-run:start -->`` and
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qlora_core.framework.config import CORE_OPTIONS, Option
+from qlora_core.framework.plugins import entry_points, implemented_hooks, load_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "configuration.md"
@@ -51,6 +54,8 @@ CHECK_TEXT: dict[str, str] = {
     "data.max_eval_samples": "> 0, or -1",
     "train.max_steps": "> 0, or -1",
     "train.save_total_limit": "> 0, or -1",
+    "offload.gpu_memory": "a size (`40GiB`, `500MB`), or `auto`",
+    "offload.cpu_memory": "a size (`40GiB`, `500MB`), or `auto`",
 }
 
 
@@ -95,23 +100,47 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(options: Iterable[Option] = CORE_OPTIONS) -> str:
-    """The markdown tables, one per section, in the order the options are declared."""
-    by_section: dict[str, list[Option]] = {}
-    for option in options:
-        by_section.setdefault(option.key.split(".", 1)[0], []).append(option)
+#: The distribution whose entry points are the built-in plugins.
+DISTRIBUTION = "qlora"
+
+
+def plugin_options() -> list[tuple[str, Option]]:
+    """The keys the built-in plugins declare, as ``(plugin name, option)``, the plugins in name order."""
+    eps = {name: ep for name, ep in entry_points().items() if ep.dist is not None and ep.dist.name == DISTRIBUTION}
+    out = []
+    for name in sorted(eps):
+        plugin = load_plugin(name, eps).plugin
+        if "qlora_config_options" in implemented_hooks(plugin):
+            out.extend((name, option) for option in plugin.qlora_config_options() or [])
+    return out
+
+
+def render(options: Iterable[Option] = CORE_OPTIONS,
+           declared_by_plugins: Iterable[tuple[str, Option]] = ()) -> str:
+    """The markdown tables, one per section, in the order the options are declared (the core's first). A section
+    only a plugin declares says so; a plugin's key in another section names its plugin."""
+    by_section: dict[str, list[tuple[str | None, Option]]] = {}
+    for owner, option in [*((None, o) for o in options), *declared_by_plugins]:
+        by_section.setdefault(option.key.split(".", 1)[0], []).append((owner, option))
     out = []
     for section, opts in by_section.items():
+        owners = {owner for owner, _ in opts}
+        said = None  # the plugin the section's introduction names
         out.append(f"### `{section}`")
         out.append("")
         if section in SECTIONS:
             out.append(SECTIONS[section])
             out.append("")
+        elif len(owners) == 1 and None not in owners:
+            said = next(iter(owners))
+            out.append(f"Declared by the `{said}` plugin: these keys exist only in runs that include it.")
+            out.append("")
         out.append("| key | type | default | allowed | meaning |")
         out.append("|---|---|---|---|---|")
-        for o in opts:
+        for owner, o in opts:
+            by = f"declared by the `{owner}` plugin: " if owner not in (None, said) else ""
             out.append(f"| `{o.key}` | {TYPE_NAMES[o.type]} | {_value(o.default)} | {_cell(allowed(o))} "
-                       f"| {_cell(o.help)} |")
+                       f"| {_cell(by + o.help)} |")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 
@@ -133,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail when docs/configuration.md is stale")
     args = parser.parse_args(argv)
     page = DOC.read_text()
-    updated = replace_between_markers(page, render())
+    updated = replace_between_markers(page, render(CORE_OPTIONS, plugin_options()))
     updated = replace_between_markers(updated, render_default_run(), DEFAULT_RUN_START, DEFAULT_RUN_END)
     if args.check:
         if updated != page:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.tools.bench import ABLATIONS, VARIANTS, compare, make_sequences, parse_variant
-from qlora_core.framework.errors import UsageError
+from qlora_core.cli import main as cli_main
+from qlora_core.framework.errors import PluginError, UsageError
+from qlora_core.tools.bench import ablations, compare, make_sequences, named_variants, parse_variant
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -31,9 +32,13 @@ def qlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def ragged_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "config.json").write_text(json.dumps(TINY))
+    # The trainer announces its decoder layers on a GPU only; on the CPU this plugin does it for the test.
+    (tmp / "announce.py").write_text("from qlora_core import hookimpl\n\n@hookimpl\ndef qlora_on_train_start(run):\n"
+                                     "    run.notice('decoder layers: 2 of 2 recomputed, said a plugin')\n")
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
                  "--steps", "3", "--warmup", "1", "--learning-rate", "3e-3", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
-                 "--variant", "qlora+packing", "--variant", "broken=lora.r=-1", "--out", str(tmp / "r.json"),
+                 "--variant", "qlora+packing", "--variant", "broken=lora.r=-1",
+                 "--variant", f"announced=plugin:{tmp / 'announce.py'}", "--out", str(tmp / "r.json"),
                  "--profile", str(tmp / "profile"), cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((tmp / "r.json").read_text()), done.stdout, tmp / "profile"
@@ -70,6 +75,14 @@ def test_a_failing_variant_is_reported_beside_the_others(ragged_report):
     assert report["settings"]["learning_rate"] == 3e-3 and "lr 0.003" in table
 
 
+def test_the_layers_are_reported_as_the_run_announces_them(ragged_report):
+    report, table, _ = ragged_report
+    by = {r["variant"]: r for r in report["results"]}
+    assert by["announced"]["layers"] == "2 of 2 recomputed, said a plugin"
+    assert "announced: 2 of 2 recomputed, said a plugin" in table
+    assert by["qlora"]["layers"] is None  # on the CPU the trainer announces none
+
+
 def test_profile_summarises_the_kernels_and_keeps_the_trace(ragged_report):
     _, _, folder = ragged_report
     for name in ("seed", "qlora", "qlora+packing"):
@@ -96,8 +109,69 @@ def test_each_lever_is_compared_with_the_defaults_and_the_seed():
     assert "speedup_vs_qlora" not in seed and "speedup_vs_qlora" not in ours and set(broken) == {"variant", "error"}
 
 
+def test_the_variants_come_from_the_core_and_every_installed_plugin():
+    known = named_variants()
+    assert list(known)[:3] == ["seed", "seed-trainer", "qlora"]  # the recipes with their own code, then qlora's
+    assert callable(known["seed"]["run"])  # the guide-recipe plugin's code
+    assert known["qlora-liger"]["plugins"] == ["no:liger-kernels"]  # offered by the liger-kernels plugin
+    assert known["qlora+adamw-8bit"]["plugins"] == ["adamw-8bit"]  # by the adamw-8bit plugin itself
+    order = ablations(known)
+    assert order[:3] == ["seed", "seed-trainer", "qlora"]
+    assert {"qlora-offload", "qlora+fp32-upcast", "qlora-fused-loss"} <= set(order) <= set(known)
+    assert "qlora+packing" not in order and "qlora+torch-adamw" not in order  # not marked as ablations
+
+
+def _installed(monkeypatch, plugins):
+    """Installed plugins as ``qlora bench`` finds them: ``{name: object, or an exception its import raises}``."""
+    import types
+
+    import qlora_core.framework.plugins as framework
+
+    def load(obj):
+        if isinstance(obj, Exception):
+            raise obj
+        return obj
+
+    eps = {name: types.SimpleNamespace(load=lambda obj=obj: load(obj)) for name, obj in plugins.items()}
+    monkeypatch.setattr(framework, "entry_points", lambda: eps)
+
+
+def _offering(**offered):
+    from qlora_core import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def qlora_bench_variants(self):
+            return offered
+
+    return Plugin()
+
+
+def test_a_variant_offered_twice_is_an_error_naming_both_plugins(monkeypatch):
+    twice = {"help": "x", "set": ["lora.r=8"]}
+    _installed(monkeypatch, {"one": _offering(mine=twice), "two": _offering(mine=twice),
+                             "broken": ImportError("no module named nothing")})
+    with pytest.raises(PluginError, match="'mine' is offered by both 'one' and 'two'"):
+        named_variants()
+
+
+def test_a_plugin_that_fails_to_import_offers_nothing(monkeypatch):
+    _installed(monkeypatch, {"broken": ImportError("no module named nothing"),
+                             "mine": _offering(**{"qlora+mine": {"help": "mine", "set": ["lora.r=8"],
+                                                                 "ablation": True}})})
+    assert list(named_variants()) == ["qlora", "qlora+mine"]
+    assert ablations() == ["qlora", "qlora+mine"]
+
+
+def test_bench_help_lists_the_plugins_variants(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("seed-trainer", "qlora-liger", "qlora-offload", "qlora+adamw-8bit"):
+        assert name in out
+
+
 def test_variants_by_name_and_by_overrides():
-    assert set(ABLATIONS) <= set(VARIANTS) and "seed" in ABLATIONS and "qlora" in ABLATIONS
     name, spec = parse_variant("mine=train.compile=false,plugin:no:gradient-checkpointing,lora.r=8")
     assert name == "mine"
     assert spec["set"] == ["train.compile=false", "lora.r=8"]

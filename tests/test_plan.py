@@ -234,6 +234,35 @@ def test_the_optimizer_sets_the_state_bytes(llama8b_dir, llama8b_plan):
     assert adamw32.with_checkpointing.optimizer_states == 8 * 41_943_040
 
 
+def test_a_plugin_describes_its_optimizer_to_the_plan(llama8b_dir, tmp_path):
+    """An optimizer plugin tells ``qlora plan`` its state bytes through ``qlora_plan_settings``; one that does
+    not is estimated as an fp32 AdamW, and the plan says so."""
+    hooks = ("from qlora_core import hookimpl\n\n"
+             "@hookimpl\ndef qlora_optimizer(params, config):\n    return None\n")
+    described = tmp_path / "lion.py"
+    described.write_text(hooks + "\n@hookimpl\ndef qlora_plan_settings(settings, config):\n"
+                                 "    settings.optimizer, settings.optimizer_bytes = 'lion', 4\n")
+    silent = tmp_path / "mystery.py"
+    silent.write_text(hooks)
+    lion = plan(llama8b_dir, SEED, plugins=[str(described)])
+    assert lion.settings.optimizer == "lion" and lion.memory.optimizer_states == 4 * 41_943_040
+    assert not any("optimizer" in n for n in lion.notes)
+    mystery = plan(llama8b_dir, SEED, plugins=[str(silent)])
+    assert mystery.settings.optimizer == "mystery" and mystery.memory.optimizer_states == 8 * 41_943_040
+    assert any("'mystery' does not describe its states" in n and "8 bytes" in n for n in mystery.notes)
+
+
+def test_the_fsdp_plugin_keeps_the_adapters_whole_and_the_weights_sharded(llama8b_dir):
+    guide = plan(llama8b_dir, SEED, gpus=2)  # the guide's FSDP recipe: the adapters sharded too
+    fsdp = plan(llama8b_dir, SEED, gpus=2, plugins=["fsdp"])
+    assert fsdp.settings.shards_weights and not fsdp.settings.shard_adapters and not fsdp.settings.upcast
+    assert fsdp.memory.lora_weights == 2 * guide.memory.lora_weights
+    assert fsdp.memory.quantized_weights == guide.memory.quantized_weights
+    assert any("--plugin fsdp" in n for n in guide.notes) and not any("--plugin fsdp" in n for n in fsdp.notes)
+    assert not any("quant_storage" in w for w in fsdp.warnings)  # the plugin stores the 4-bit weights as needed
+    assert any("quant_storage" in w for w in guide.warnings)
+
+
 def test_memory_grows_with_batch_and_sequence(llama8b_dir, llama8b_plan):
     bigger = plan(llama8b_dir, {**SEED, "train": {**SEED["train"], "per_device_train_batch_size": 8}})
     assert bigger.with_checkpointing.working_set == pytest.approx(2 * llama8b_plan.with_checkpointing.working_set,
@@ -394,6 +423,10 @@ def test_several_gpus_want_bf16_quant_storage():
     assert any("quant_storage" in w for w in guidance_warnings(cfg, 8.03e9, gpus=2))
     fsdp = _config(train={"gradient_accumulation_steps": 4}, quant={"bnb_4bit_quant_storage": "bfloat16"})
     assert guidance_warnings(fsdp, 8.03e9, gpus=2) == []
+    # the storage FSDP needs is the compute dtype: float32 with float32 compute (the fsdp plugin's on the CPU)
+    fp32 = _config(train={"gradient_accumulation_steps": 4},
+                   quant={"bnb_4bit_quant_storage": "float32", "bnb_4bit_compute_dtype": "float32"})
+    assert guidance_warnings(fp32, 8.03e9, gpus=2) == []
 
 
 def test_the_fused_op_s_bf16_copy_of_the_adapters_is_counted(llama8b_dir):

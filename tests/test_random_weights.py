@@ -39,6 +39,16 @@ def test_a_run_trains_on_random_weights_built_into_4_bits(tiny_config, config_on
     assert model is not None
 
 
+def test_the_weights_seed_is_a_setting(tiny_config, config_only_dir):
+    cfg = dict(tiny_config, model={"name_or_path": str(config_only_dir)})
+    default = Job(cfg, plugins=["random-weights"]).load_base_model(for_training=False)
+    other = Job(cfg, plugins=["random-weights"], overrides=["random_weights.seed=1"]).load_base_model(
+        for_training=False)
+    embedding = default.get_input_embeddings().weight
+    assert embedding.shape == other.get_input_embeddings().weight.shape
+    assert not torch.equal(embedding, other.get_input_embeddings().weight)
+
+
 def test_random_weights_without_a_config_json_is_one_clear_error(tiny_config, config_only_dir, tmp_path, capsys):
     empty = config_only_dir
     (empty / "config.json").unlink()  # a tokenizer, no architecture

@@ -1,17 +1,17 @@
 """``qlora bench``: the seed recipe and qlora's trainer, side by side, on the same shape, data and settings.
 
 One invocation measures every variant asked for, each in a fresh process (so one variant's memory, compiled
-code and allocator state cannot flatter or burden the next): the model of a real architecture's shape is built
-with random weights straight into 4 bits (:mod:`qlora_core.tools.shapes`; no checkpoint, no download), then
+code and allocator state cannot flatter or burden the next): the model of a real architecture's shape
+(:mod:`qlora_core.tools.shapes`) is built with random weights straight into 4 bits by the ``random-weights``
+plugin (no checkpoint, no download), then measured in a variant:
 
-* ``seed``: the QLoRA guide's code as written: ``gradient_checkpointing_enable()``,
-  ``prepare_model_for_kbit_training``, ``LoraConfig(target_modules="all-linear")``, bitsandbytes' paged AdamW
-  8-bit, bf16 autocast and the model's own loss (``labels=input_ids``), gradient clipping, in a plain loop;
-* ``seed-trainer``: the same model code trained by transformers' ``Trainer`` with the guide's
-  ``TrainingArguments`` (the guide uses TRL's ``SFTTrainer``, a ``Trainer`` subclass);
-* ``qlora``: ``qlora run``'s own path (:class:`qlora_core.loop.job.Job`, its plugins and loop) with its defaults;
-* ablations: ``qlora`` with one lever changed (``--ablations`` runs them all; see :data:`VARIANTS`), or any
-  ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
+* ``qlora``: ``qlora run``'s own path (:class:`qlora_core.loop.job.Job`, its plugins and loop) with its defaults,
+  the core's one variant;
+* the variants the installed plugins offer through ``qlora_bench_variants`` (:func:`named_variants`): ``qlora``
+  with one lever changed, each from the plugin that owns the lever (``--ablations`` runs those marked
+  ``ablation``), and variants with their own code, such as the ``guide-recipe`` plugin's ``seed`` (the QLoRA
+  guide's code as written, in a plain loop) and ``seed-trainer`` (the same through transformers' ``Trainer``);
+* any ``--variant NAME=KEY=VALUE[,KEY=VALUE]`` of your own.
 
 Every variant trains on the same token sequences in the same order, with the same LoRA initialisation and a
 constant learning rate, so their loss curves are comparable step by step. ``--min-len N`` makes the
@@ -44,58 +44,57 @@ from qlora_core.framework.errors import UsageError
 
 GIB = 2 ** 30
 
-#: Named variants: overrides of qlora's config (``--set``-style) and plugins; ``seed`` is the guide's code.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "seed": {"help": "the guide's recipe: transformers + PEFT + bitsandbytes, prepare_model_for_kbit_training, "
-                     "gradient checkpointing, paged AdamW 8-bit"},
-    "seed-trainer": {"help": "the guide's recipe through transformers' Trainer and TrainingArguments (bf16, "
-                             "paged_adamw_8bit, gradient_checkpointing), as the guide runs it"},
-    "qlora": {"help": "qlora's defaults", "set": [], "plugins": []},
-    "qlora+fp32-upcast": {"help": "with the guide's fp32 upcast of the non-4-bit weights",
-                          "set": ["quant.fp32_upcast=true"]},
-    "qlora-liger": {"help": "without liger-kernel's RMSNorm/RoPE/SwiGLU", "plugins": ["no:liger-kernels"]},
-    "qlora-fused-loss": {"help": "without the fused head + cross-entropy (answer logits materialized)",
-                         "set": ["train.fused_cross_entropy=false"]},
-    "qlora-fused-lora": {"help": "PEFT's LoRA forward instead of the fused 4-bit + LoRA op (and so, by "
-                                 "train.compile's auto, compiled layers: the previous defaults)",
-                         "set": ["train.fused_lora=false"]},
-    "qlora-lean-recompute": {"help": "the output projections recomputed in full (train.lean_recompute=false)",
-                             "set": ["train.lean_recompute=false"]},
-    "qlora-flat-params": {"help": "the optimizer steps each adapter tensor separately (train.flat_params=false)",
-                          "set": ["train.flat_params=false"]},
-    "qlora-fast-dequant": {"help": "bitsandbytes' dequantization (three launches) instead of qlora's single NF4 "
-                                   "kernel (train.fast_dequant=false)", "set": ["train.fast_dequant=false"]},
-    "qlora-adapter-copy": {"help": "the adapters cast to bf16 at each use instead of one kept copy refreshed "
-                                   "each step (train.adapter_compute_copy=false)",
-                           "set": ["train.adapter_compute_copy=false"]},
-    "qlora+adamw-8bit": {"help": "bitsandbytes' 8-bit AdamW without paging", "plugins": ["adamw-8bit"]},
-    "qlora+torch-adamw": {"help": "torch's AdamW (32-bit states, multi-tensor kernels)", "plugins": ["adamw"]},
-    "qlora+compile": {"help": "with torch.compile of the decoder layers (off by default around the fused LoRA op)",
-                      "set": ["train.compile=true"]},
-    "qlora-offload": {"help": "checkpointed inputs kept on the GPU (no CPU offload)",
-                      "set": ["train.activation_offload=false"]},
-    "qlora-checkpointing": {"help": "no gradient checkpointing at all", "plugins": ["no:gradient-checkpointing"]},
-    "qlora+packing": {"help": "padding-free packing of each micro-batch (train.packing; varlen attention on CUDA)",
-                      "set": ["train.packing=true"]},
-    "qlora+packing-rows": {"help": "packing into rows of max_seq_length with filler and block-diagonal masks",
-                           "set": ["train.packing=true", "train.packing_attention=rows"]},
-    "qlora+budget": {"help": "train.gpu_memory_budget=40 GiB: layers that fit keep their activations",
-                     "set": ["train.gpu_memory_budget=40"]},
+#: The core's own variant: qlora's trainer with its defaults, the reference every lever is compared with.
+CORE_VARIANTS: dict[str, dict[str, Any]] = {
+    "qlora": {"help": "qlora's defaults", "set": [], "plugins": [], "ablation": True},
 }
-ABLATIONS = ("seed", "seed-trainer", "qlora", "qlora+fp32-upcast", "qlora-liger", "qlora-fused-loss",
-             "qlora-fused-lora", "qlora-lean-recompute", "qlora-flat-params", "qlora-fast-dequant",
-             "qlora-adapter-copy", "qlora+compile",
-             "qlora-offload", "qlora+budget")
+_VARIANT_KEYS = {"help", "set", "plugins", "ablation", "run"}
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME`` of :data:`VARIANTS`, or ``NAME=KEY=VALUE[,KEY=VALUE...]`` (qlora with those overrides;
+def named_variants() -> dict[str, dict[str, Any]]:
+    """Every named variant: the core's ``qlora`` and what each installed plugin offers through
+    ``qlora_bench_variants``. Variants with their own code (``run``: the guide's recipe) come first, then
+    ``qlora``, then the others, each plugin's in the order it offers them, the plugins in name order.
+
+    :raises PluginError: a name offered twice, or a variant that is not a dict of the known keys.
+    """
+    from qlora_core.framework.errors import PluginError
+    from qlora_core.framework.plugins import installed_plugin_manager
+
+    offered: dict[str, tuple[str, dict[str, Any]]] = {name: ("qlora", spec) for name, spec in CORE_VARIANTS.items()}
+    pm = installed_plugin_manager()
+    for impl in pm.hook.qlora_bench_variants.get_hookimpls():  # in registration order: the plugins' names
+        for name, spec in (impl.function() or {}).items():
+            if name in offered:
+                raise PluginError(f"bench variant {name!r} is offered by both {offered[name][0]!r} and "
+                                  f"{impl.plugin_name!r}; one of them must rename it")
+            unknown = set(spec) - _VARIANT_KEYS if isinstance(spec, dict) else None
+            if unknown is None or unknown:
+                what = f"unknown keys {', '.join(sorted(unknown))}" if unknown else "not a dict"
+                raise PluginError(f"plugin {impl.plugin_name!r}: bench variant {name!r} is {what} (a variant has "
+                                  f"{', '.join(sorted(_VARIANT_KEYS))})")
+            offered[name] = (impl.plugin_name, spec)
+    found = {name: spec for name, (_, spec) in offered.items()}
+    own_code = [name for name, spec in found.items() if "run" in spec]
+    rest = [name for name in found if name not in own_code and name not in CORE_VARIANTS]
+    return {name: found[name] for name in [*own_code, *CORE_VARIANTS, *rest]}
+
+
+def ablations(known: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The variants ``--ablations`` measures (those marked ``ablation``), in :func:`named_variants`' order."""
+    known = named_variants() if known is None else known
+    return [name for name, spec in known.items() if spec.get("ablation")]
+
+
+def parse_variant(text: str, known: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
+    """``NAME`` of :func:`named_variants`, or ``NAME=KEY=VALUE[,KEY=VALUE...]`` (qlora with those overrides;
     ``plugin:NAME`` entries add plugins, e.g. ``plugin:no:liger-kernels``)."""
     if "=" not in text:
-        if text not in VARIANTS:
-            raise UsageError(f"unknown bench variant {text!r}; known: {', '.join(VARIANTS)} "
+        known = named_variants() if known is None else known
+        if text not in known:
+            raise UsageError(f"unknown bench variant {text!r}; known: {', '.join(known)} "
                              f"(or NAME=KEY=VALUE,... for qlora with overrides)")
-        return text, VARIANTS[text]
+        return text, known[text]
     name, _, spec = text.partition("=")
     sets, plugins = [], []
     for item in filter(None, (x.strip() for x in spec.split(","))):
@@ -127,11 +126,16 @@ def make_sequences(n: int, seq: int, vocab: int, seed: int, min_len: int | None 
     return out
 
 
-def _padded(rows: list[list[int]], device: str) -> dict[str, Any]:
-    """A seed-recipe batch: the rows right-padded by :func:`qlora_core.loop.data.collate`, every real token a label."""
-    from qlora_core.loop.data import TokenizedExample, collate
+def bench_rows(args: dict[str, Any], vocab: int) -> list[list[int]]:
+    """The token sequences a variant trains on, in the order qlora's loop takes them (``qlora`` gets them
+    unordered and orders them itself): for a variant with its own code (``run``), so that every variant sees
+    the same examples step by step. ``args`` are the bench's settings handed to ``run``; ``vocab`` the model's
+    vocabulary size."""
+    from qlora_core.loop.batching import epoch_order
 
-    return {k: v.to(device) for k, v in collate([TokenizedExample(r, list(r)) for r in rows], 0).items()}
+    data = make_sequences((args["warmup"] + args["steps"]) * args["batch"], args["seq"], vocab, args["seed"],
+                          args.get("min_len"))
+    return [data[i] for i in epoch_order(len(data), args["seed"], 0)]
 
 
 # --------------------------------------------------------------------------- one variant (worker process)
@@ -193,6 +197,13 @@ class _Profiler:
 PROFILER = _Profiler()
 
 
+def bench_step_done(step: int) -> None:
+    """A variant with its own code (``run``) calls it after each step (1-based), as qlora's loop does through
+    ``qlora_on_step_end``: with ``--profile``, the profiler's window opens after the warmup and closes two steps
+    later."""
+    PROFILER.step_done(step)
+
+
 def _sync() -> None:
     import torch
 
@@ -200,7 +211,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _memory() -> dict[str, float | None]:
+def bench_memory() -> dict[str, float | None]:
+    """The peak GPU memory since the last ``torch.cuda.reset_peak_memory_stats()``, allocated and reserved, in
+    GiB (``None`` without CUDA): what every variant reports, a variant with its own code (``run``) included."""
     import torch
 
     if not torch.cuda.is_available():
@@ -209,124 +222,40 @@ def _memory() -> dict[str, float | None]:
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
-def _build(args: dict[str, Any], model_dir: Path, device: str):
-    import torch
-
-    from qlora_core.tools.shapes import build_direct
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    model = build_direct(model_dir, device, dtype, seed=args["seed"])
-    _sync()
-    allocated = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
-    return model, dtype, time.perf_counter() - t0, allocated
+#: How a run's notice about its decoder layers begins (checkpointing, offload, compilation).
+LAYERS_NOTICE = "decoder layers: "
 
 
-def _seed_model(args: dict[str, Any], model_dir: Path, device: str):
-    """The built model prepared as the guide's code does it (checkpointing, k-bit preparation, all-linear LoRA)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def _watch(device: str) -> Any:
+    """A qlora plugin for the trainer's loop that notes what the bench reports of the run: when the base model
+    is loaded (the ``random-weights`` plugin builds it), the time since the plugin was made, the GPU memory the
+    weights take before any preparation, and the vocabulary size; and what the decoder layers do, as the run
+    announces it (the last ``decoder layers: ...`` notice; the trainer sends one before the first step, on a
+    GPU)."""
+    from qlora_core import hookimpl
 
-    model, dtype, build_seconds, weights = _build(args, model_dir, device)
-    model.gradient_checkpointing_enable()
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=args["r"], lora_alpha=2 * args["r"], lora_dropout=args["lora_dropout"],
-                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(args["seed"])
-    return get_peft_model(model, lora), dtype, build_seconds, weights
+    class Watch:
+        started = time.perf_counter()
+        build_seconds: float | None = None
+        weights_gib: float | None = None
+        vocab = 0
+        layers: str | None = None
 
+        @hookimpl
+        def qlora_on_notice(self, run, message):
+            if message.startswith(LAYERS_NOTICE):
+                self.layers = message[len(LAYERS_NOTICE):]
 
-def run_seed(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
-    """The guide's recipe, as its code is written (Quick Start and Workflow 1), for ``steps`` steps."""
-    import bitsandbytes as bnb
-    import torch
+        @hookimpl
+        def qlora_model_loaded(self, model, config, for_training):
+            import torch
 
-    from qlora_core.loop.batching import epoch_order
-
-    model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
-        params, lr=args["learning_rate"], weight_decay=0.0)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    total = args["warmup"] + args["steps"]
-    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
-    order = epoch_order(len(data), args["seed"], 0)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    steps = []
-    for step in range(total):
-        batch = _padded([data[i] for i in order[step * args["batch"]:(step + 1) * args["batch"]]], device)
-        _sync()
-        t = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = model(**batch)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args["max_grad_norm"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(out.loss)
-        del out
-        _sync()
-        steps.append({"loss": loss, "seconds": time.perf_counter() - t,
-                      "tokens": int(batch["attention_mask"].sum())})
-        PROFILER.step_done(step + 1)
-    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
-
-
-def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict[str, Any]:
-    """The guide's recipe through transformers' ``Trainer`` (the guide runs TRL's ``SFTTrainer``, a subclass),
-    with its ``TrainingArguments``: bf16, paged AdamW 8-bit, gradient checkpointing. The examples go in the
-    same order as the other variants' (no shuffling)."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from qlora_core.loop.batching import epoch_order
-
-    model, dtype, build_seconds, weights = _seed_model(args, model_dir, device)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    total = args["warmup"] + args["steps"]
-    data = make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))
-    rows = [data[i] for i in epoch_order(len(data), args["seed"], 0)]
-
-    class InOrder(Trainer):
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    steps: list[dict[str, Any]] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
             _sync()
-            self.t = time.perf_counter()
+            self.build_seconds = time.perf_counter() - self.started
+            self.weights_gib = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
+            self.vocab = model.get_output_embeddings().weight.shape[0]
 
-        def on_step_end(self, *a, **k):
-            _sync()
-            steps.append({"seconds": time.perf_counter() - self.t})
-            PROFILER.step_done(len(steps))
-
-        def on_log(self, _args, state, control, logs=None, **k):
-            if logs and "loss" in logs and steps:
-                steps[-1]["loss"] = float(logs["loss"])
-
-    out = Path(tempfile.mkdtemp(prefix="qlora-bench-trainer-"))
-    training_args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args["batch"], gradient_accumulation_steps=1,
-        max_steps=total, learning_rate=args["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
-        max_grad_norm=args["max_grad_norm"], bf16=device == "cuda", gradient_checkpointing=True,
-        optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch", logging_steps=1, save_strategy="no",
-        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, seed=args["seed"],
-        disable_tqdm=True, use_cpu=device == "cpu")
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer = InOrder(model=model, args=training_args, train_dataset=rows,
-                      data_collator=lambda batch: _padded(batch, "cpu"),
-                      callbacks=[Timer()])
-    trainer.train()
-    for i, step in enumerate(steps):
-        step["tokens"] = sum(len(r) for r in rows[i * args["batch"]:(i + 1) * args["batch"]])
-        step.setdefault("loss", float("nan"))
-    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps, **_memory()}
+    return Watch()
 
 
 class _BenchTokenizer:
@@ -341,7 +270,8 @@ class _BenchTokenizer:
 
 def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence[str],
               plugins: Sequence[str]) -> dict[str, Any]:
-    """qlora's trainer (``Job``) on the built model, with its plugins and loop, for ``steps`` steps."""
+    """qlora's trainer (``Job``) with its plugins and loop, for ``steps`` steps, on the shape's model with random
+    weights (the ``random-weights`` plugin, drawn from the bench's seed as the guide's recipe draws them)."""
     import torch
 
     from qlora_core.loop.data import TokenizedExample
@@ -354,36 +284,33 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
         ("train.max_seq_length", args["seq"]), ("train.learning_rate", args["learning_rate"]),
         ("train.lr_scheduler_type", "constant"), ("train.max_grad_norm", args["max_grad_norm"]),
         ("train.logging_steps", 1), ("train.save_strategy", "no"), ("train.sample_max_new_tokens", 0),
-        ("train.seed", args["seed"]), *sets,
+        ("train.seed", args["seed"]), ("random_weights.seed", args["seed"]), *sets,
     ]
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-run-"))
-    job = Job(None, plugins=["no:adapter-export", "no:rich-progress", *plugins], overrides=overrides,
-              output_dir=out / "run")
+    job = Job(None, plugins=["random-weights", "no:adapter-export", "no:rich-progress", *plugins],
+              overrides=overrides, output_dir=out / "run")
     if PROFILER.path:
         job.plugins.pm.register(PROFILER._hookimpl(), name="bench-profiler")
-    model, _, build_seconds, weights = _build(args, model_dir, device)
+    watch = _watch(device)
+    job.plugins.pm.register(watch, name="bench-watch")
     job.tokenizer = _BenchTokenizer()
-    job.load_model(base=model)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    job.load_model()
     total = args["warmup"] + args["steps"]
-    job.train_examples = [TokenizedExample(ids, list(ids)) for ids in
-                          make_sequences(total * args["batch"], args["seq"], vocab, args["seed"], args.get("min_len"))]
+    job.train_examples = [TokenizedExample(ids, list(ids)) for ids in make_sequences(
+        total * args["batch"], args["seq"], watch.vocab, args["seed"], args.get("min_len"))]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = job.run()
     rows = [m for m in result.metrics if "loss" in m and "tokens_per_second" in m]
     steps = [{"loss": m["loss"], "seconds": m["tokens"] / m["tokens_per_second"], "tokens": m["tokens"]}
              for m in rows]
-    from qlora_core.layers import layer_policy
-
-    policy = layer_policy(job.model)
-    memory = _memory()
+    memory = bench_memory()
     # The trainer reports loading's peak apart and measures training's afresh; the bench's figure is both's.
     loading = result.summary.get("peak_gpu_memory_loading_gib")
     if loading is not None and loading > memory["peak_allocated_gib"]:
         memory["peak_allocated_gib"] = loading
-    return {"build_seconds": build_seconds, "weights_gib": weights, "steps": steps,
-            "layers": policy.describe() if policy else None,
+    return {"build_seconds": watch.build_seconds, "weights_gib": watch.weights_gib, "steps": steps,
+            "layers": watch.layers,
             "padding_waste": result.summary.get("padding_waste", {}).get(
                 "packed_filler_waste" if job.config["train.packing"] else "padding_waste"), **memory}
 
@@ -397,10 +324,8 @@ def worker(name: str, spec: dict[str, Any], args: dict[str, Any], model_dir: Pat
         PROFILER.start_after = args["warmup"]
     if device == "cpu":
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    if name == "seed":
-        result = run_seed(args, model_dir, device)
-    elif name == "seed-trainer":
-        result = run_seed_trainer(args, model_dir, device)
+    if "run" in spec:  # a plugin's own code (the guide's recipe)
+        result = spec["run"](args, model_dir, device)
     else:
         result = run_qlora(args, model_dir, device, spec.get("set", []), spec.get("plugins", []))
     measured = result["steps"][args["warmup"]:] or result["steps"]
@@ -443,7 +368,10 @@ def run_variant_process(name: str, spec: dict[str, Any], args: dict[str, Any], m
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         job = Path(tmp) / "job.json"
         result_file = Path(tmp) / "result.json"
-        job.write_text(json.dumps({"name": name, "spec": spec, "args": args, "model_dir": str(model_dir)}))
+        # A variant's own code (``run``) is looked up again by name in the worker, which collects the variants.
+        plain = {k: v for k, v in spec.items() if k != "run"}
+        job.write_text(json.dumps({"name": name, "spec": plain, "run": name if "run" in spec else None,
+                                   "args": args, "model_dir": str(model_dir)}))
         try:
             proc = subprocess.run([sys.executable, "-m", "qlora_core.tools.bench", "--worker", str(job), str(result_file)],
                                   capture_output=True, text=True, timeout=timeout)
@@ -544,7 +472,8 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
         raise UsageError(f"--lora-dropout must be in [0, 1) (got {lora_dropout})")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
         raise UsageError(f"--learning-rate must be a positive number (got {learning_rate})")
-    parsed = [parse_variant(v) for v in variants]
+    known = named_variants()
+    parsed = [parse_variant(v, known) for v in variants]
     args = {"shape": shape, "seq": seq, "batch": batch, "steps": steps, "warmup": warmup, "r": r,
             "lora_dropout": lora_dropout, "learning_rate": learning_rate, "max_grad_norm": max_grad_norm,
             "seed": seed, "min_len": min_len}
@@ -577,7 +506,10 @@ def _worker_main(job_file: str, result_file: str) -> int:
 
     quiet_third_party_noise()
     job = json.loads(Path(job_file).read_text())
-    result = worker(job["name"], job["spec"], job["args"], Path(job["model_dir"]))
+    spec = job["spec"]
+    if job.get("run"):
+        spec = {**spec, "run": named_variants()[job["run"]]["run"]}
+    result = worker(job["name"], spec, job["args"], Path(job["model_dir"]))
     Path(result_file).write_text(json.dumps(result, default=lambda x: None if isinstance(x, float) and
                                             not math.isfinite(x) else str(x)))
     return 0
@@ -593,4 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module imported under its own name, not as __main__: a plugin's variant code reaches this
+    # module's state (the profiler) through qlora_core's public names, which import it by name.
+    from qlora_core.tools import bench as _bench
+
+    sys.exit(_bench.main())

@@ -92,6 +92,10 @@ Transient buffers: the largest 4-bit layer dequantized for its matmul (``a x in 
 workspaces; with ``N > 1`` also what FSDP gathers: the root unit (embeddings, head, final norm: not
 resharded during the step) and two decoder layers (the current one and the prefetched one).
 
+Which of these terms apply is settled by :class:`PlanSettings`: the core fills it from the config as if no plugin
+took part, and each plugin of the run adjusts it through the ``qlora_plan_settings`` hook (the optimizer
+plugins give their state bytes, ``gradient-checkpointing`` and ``fsdp`` what they change).
+
 Peak allocated = static + stored activations + peak working set + transient buffers. It estimates
 ``torch.cuda.max_memory_allocated``. What ``nvidia-smi`` shows is more: the **budget** adds the CUDA context
 (about 0.6 GiB) and the caching allocator's reserve (5% of the peak).
@@ -228,7 +232,8 @@ def effective_batch(config: Config, gpus: int = 1) -> int:
     return config["train.per_device_train_batch_size"] * config["train.gradient_accumulation_steps"] * gpus
 
 
-def guidance_warnings(config: Config, n_params: float, gpus: int = 1) -> list[str]:
+def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
+                      settings: PlanSettings | None = None) -> list[str]:
     """Settings that go against the guide, each naming its recommendation (warnings, not errors).
 
     * ``lora_alpha`` outside ``[r, 4r]`` (the guide: ``2 x r``);
@@ -238,7 +243,9 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1) -> list[st
     * an effective batch (per device x accumulation x GPUs) below 8 (the guide: 64-128 for instruction
       tuning);
     * fp16 compute (the guide: "risky") or FP4 instead of NF4;
-    * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP).
+    * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP), or the
+      compute dtype; with the plan's ``settings``, none when a plugin shards the weights (``shards_weights``: the
+      ``fsdp`` plugin sets the storage).
 
     The embedded default job (135M parameters, r 16, alpha 32, learning rate 1e-3, effective batch 8) gets
     none: its rate is 3.3x the 7B row's top, within the 22x a 135M model is allowed; :func:`guidance_notes` says
@@ -275,8 +282,14 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1) -> list[st
                    "issues); it recommends bfloat16 (auto picks it where the GPU supports it)")
     if config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_type"] != "nf4":
         out.append(f"quant.bnb_4bit_quant_type={config['quant.bnb_4bit_quant_type']}: the guide recommends nf4")
-    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] != "bfloat16" \
-            and "fsdp" not in config.plugins:  # the fsdp plugin sets it
+    # FSDP flattens the packed 4-bit weights with the layers' other parameters: the storage must be their dtype,
+    # the compute dtype (auto: bfloat16 on a GPU, float32 on the CPU). A plugin that shards the weights sets it
+    # in the run (the plan's settings say so; the plan does not run the plugins' qlora_configure).
+    compute = config["quant.bnb_4bit_compute_dtype"]
+    fits = {"bfloat16", "float32"} if compute == "auto" else {"bfloat16", compute}
+    sharded = settings is not None and settings.shards_weights
+    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] not in fits \
+            and not sharded:
         out.append(f"{gpus} GPUs with quant.bnb_4bit_quant_storage={config['quant.bnb_4bit_quant_storage']}: the "
                    f"guide calls bnb_4bit_quant_storage=bfloat16 critical for FSDP (4-bit layers must be wrapped "
                    f"like the others)")
@@ -526,7 +539,14 @@ class MemoryEstimate:
 
 @dataclass
 class PlanSettings:
-    """The run settings the estimate uses (from the config and the plugins)."""
+    """The run settings the estimate uses.
+
+    :func:`plan` fills them from the config with the core's own defaults, as if no plugin took part: an fp32
+    AdamW (8 bytes of optimizer state per trainable parameter), every activation kept, the logits
+    materialized. Then each plugin of the run adjusts them in place in its
+    :func:`~qlora_core.hookspecs.qlora_plan_settings` hook (the optimizer plugins set their state bytes, the
+    ``gradient-checkpointing`` plugin turns ``checkpointing`` on, ``fsdp`` keeps the adapters whole).
+    """
 
     r: int
     lora_alpha: float
@@ -534,23 +554,40 @@ class PlanSettings:
     lora_dropout: float
     target_modules: Any
     lora_bias: str
+    #: micro-batch (sequences) and sequence length (tokens): the activations scale with both
     batch: int
     seq: int
     gradient_accumulation_steps: int
+    #: GPUs the run is spread over: the weights, adapters, gradients and optimizer states are divided by it
     gpus: int
+    #: the base model's linear layers in 4 bits (``quant.load_in_4bit`` and a quant plugin in the run)
     load_in_4bit: bool
     double_quant: bool
     quant_type: str
+    #: ``bfloat16`` (what ``auto`` picks on the GPUs this plans for), ``float16`` or ``float32``
     compute_dtype: str
-    upcast: bool
-    optimizer: str
-    optimizer_bytes: int
-    checkpointing: bool
-    loss: str
+    #: the non-quantized weights upcast to fp32, and so the residual stream in fp32 (``quant.fp32_upcast``)
+    upcast: bool = False
+    #: the optimizer plugin's name, and the bytes of optimizer state it keeps per trainable parameter
+    optimizer: str = "unknown"
+    optimizer_bytes: int = 8
+    #: the decoder layers recomputed in backward (a checkpointing plugin sets it; only where the model supports
+    #: it)
+    checkpointing: bool = False
+    #: ``"qlora"`` (the trainer's loss, 12 bytes per logit) or ``"transformers"`` (the model's own, 14)
+    loss: str = "qlora"
+    #: the output head and the loss computed a chunk of positions at a time, the logits never whole
     fused_loss: bool = False
+    #: the checkpointed layers' inputs kept in CPU memory (two layers' on the GPU at a time)
     offload: bool = False
-    shard_adapters: bool = True  # the guide's FSDP recipe shards them too; the fsdp plugin keeps them whole
-    adapter_copy: bool = False  # the adapters' compute-dtype copy for the fused op (train.adapter_compute_copy)
+    #: the LoRA weights, gradients and optimizer states divided by ``gpus`` too, as the guide's FSDP recipe
+    #: does (the ``fsdp`` plugin keeps them whole on every GPU)
+    shard_adapters: bool = True
+    #: a compute-dtype copy of the adapters kept beside their fp32 weights (2 bytes per trainable parameter)
+    adapter_copy: bool = False
+    #: a plugin in the run shards the base weights across the GPUs, and stores the 4-bit weights as that needs
+    #: (``fsdp``); without one, ``gpus > 1`` is still estimated as FSDP, and a note says how to run it so
+    shards_weights: bool = False
 
 
 def layer_bytes_per_token(shape: ModelShape, settings: PlanSettings, targets: str | Sequence[str]) -> float:
@@ -720,53 +757,38 @@ class Plan:
         }
 
 
-#: Optimizer plugins and their state bytes per trainable parameter.
-OPTIMIZER_BYTES = {"paged-adamw-8bit": 2, "paged-adamw-32bit": 8, "adamw-8bit": 2, "adamw": 8}
-
-
 def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: bool | None,
               supports_checkpointing: bool) -> tuple[PlanSettings, list[str]]:
-    from qlora_core.framework.config import auto_on
-
+    """The core's settings for ``config``, then every plugin's adjustments (``qlora_plan_settings``)."""
     notes: list[str] = []
-    names = plugins.names()
-    optimizers = plugins.implementers("qlora_optimizer")
-    optimizer = optimizers[-1] if optimizers else "none"
-    for name in optimizers:  # requested ones (not defaults) win
-        info = next(i for i in plugins.infos if i.name == name)
-        if not info.default:
-            optimizer = name
-    opt_bytes = OPTIMIZER_BYTES.get(optimizer)
-    if opt_bytes is None:
-        opt_bytes = 8
-        notes.append(f"optimizer plugin {optimizer!r} is not one qlora ships: assumed AdamW with two fp32 states "
-                     f"(8 bytes per trainable parameter)")
     quantized = bool(config["quant.load_in_4bit"]) and bool(plugins.implementers("qlora_quantization_config"))
-    # The fsdp plugin turns the fp32 upcast off and keeps the adapters whole on every GPU (plugins/fsdp.py).
-    fsdp = "fsdp" in names
-    if upcast is None:
-        upcast = bool(config["quant.fp32_upcast"]) and not fsdp
     compute = config["quant.bnb_4bit_compute_dtype"]
     if compute == "auto":
         compute = "bfloat16"  # what auto picks on a GPU with bf16 (every GPU this plans for: Ampere and later)
-    return PlanSettings(
+    settings = PlanSettings(
         r=config["lora.r"], lora_alpha=config["lora.lora_alpha"], learning_rate=config["train.learning_rate"],
         lora_dropout=config["lora.lora_dropout"], target_modules=config["lora.target_modules"],
         lora_bias=config["lora.bias"], batch=config["train.per_device_train_batch_size"],
         seq=config["train.max_seq_length"], gradient_accumulation_steps=config["train.gradient_accumulation_steps"],
         gpus=gpus, load_in_4bit=quantized, double_quant=bool(config["quant.bnb_4bit_use_double_quant"]),
         quant_type=config["quant.bnb_4bit_quant_type"], compute_dtype=compute,
-        upcast=bool(upcast and quantized), shard_adapters=not fsdp,
-        optimizer=optimizer, optimizer_bytes=opt_bytes,
-        checkpointing="gradient-checkpointing" in names and supports_checkpointing, loss=loss,
-        # The trainer's own loop: head and loss fused (under FSDP or DDP inside the wrapper's forward),
-        # checkpointed inputs offloaded to CPU memory (train.activation_offload's auto is on for CUDA).
-        fused_loss=bool(config["train.fused_cross_entropy"]) and loss == "qlora",
-        offload=auto_on(config["train.activation_offload"], True),
-        # the fused op (auto: on CUDA) reads the adapters' bf16 copy, kept beside the flat float32 buffer
-        adapter_copy=(loss == "qlora" and compute != "float32" and bool(config["train.adapter_compute_copy"])
-                      and bool(config["train.flat_params"]) and auto_on(config["train.fused_lora"], True)),
-    ), notes
+        upcast=bool(config["quant.fp32_upcast"]) and quantized, loss=loss,
+    )
+    plugins.hook.qlora_plan_settings(settings=settings, config=config)
+    if upcast is not None:  # the caller's word overrides the config's and the plugins'
+        settings.upcast = bool(upcast and quantized)
+    settings.checkpointing = settings.checkpointing and supports_checkpointing
+    if settings.optimizer == "unknown":  # no plugin described the optimizer: the core's assumption stands
+        optimizers = plugins.implementers("qlora_optimizer")
+        assumed = f"assumed AdamW with two fp32 states ({settings.optimizer_bytes} bytes per trainable parameter)"
+        if optimizers:
+            settings.optimizer = optimizers[-1]
+            notes.append(f"optimizer plugin {settings.optimizer!r} does not describe its states to qlora plan "
+                         f"(qlora_plan_settings): {assumed}")
+        else:
+            settings.optimizer = "none"
+            notes.append(f"no optimizer plugin takes part (qlora run needs one, e.g. --plugin adamw): {assumed}")
+    return settings, notes
 
 
 def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[str, Any] | str | Path | None = None,
@@ -826,7 +848,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         notes.append("gradient checkpointing is off in this config (no:gradient-checkpointing)")
     if shape.attn_implementation == "eager":
         notes.append("eager attention keeps the attention probabilities (seq x heads per token and layer)")
-    if gpus > 1 and "fsdp" not in plugin_set.names():
+    if gpus > 1 and not settings.shards_weights:
         notes.append(f"{gpus} GPUs: the estimate is FSDP's (the guide's recipe, adapters sharded too); qlora run "
                      f"shards the model with --plugin fsdp --nproc-per-node {gpus} (without it, DDP keeps a whole "
                      f"model on each GPU)")
@@ -839,7 +861,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         model=str(name), path=str(path), shape=shape, settings=settings, lora_targets=short,
         lora_modules=len(adapted), trainable_params=trainable, recommendation=recommend(shape.n_params),
         with_checkpointing=with_ckpt, without_checkpointing=without,
-        warnings=guidance_warnings(cfg, shape.n_params, gpus),
+        warnings=guidance_warnings(cfg, shape.n_params, gpus, settings),
         notes=guidance_notes(cfg, shape.n_params, gpus) + notes,
     )
 

@@ -1,11 +1,9 @@
-"""Real architectures' shapes with random weights, built straight into 4 bits on the device.
+"""Real architectures' shapes: their ``config.json`` contents, by name, and a model folder holding one.
 
 ``qlora bench`` and the GPU benchmarks need an 8B or 70B model without its checkpoint (a 70B bf16 checkpoint is
 140 GB: it fits neither the disk nor the time of a benchmark run). Speed and memory depend on the shape, not on
-the weight values, so :func:`build_direct` makes the model of a ``config.json`` on the meta device and replaces
-every linear layer but the output head by a bitsandbytes ``Linear4bit`` quantized from random weights drawn on
-the device one layer at a time (one layer's bf16 weight is all that is ever unquantized). Embeddings, norms and
-the head are drawn in the compute dtype.
+the weight values: the ``random-weights`` plugin builds the model of such a folder with random weights,
+straight into 4 bits on the device.
 """
 
 from __future__ import annotations
@@ -58,72 +56,7 @@ def shape_config(shape: str) -> dict[str, Any]:
 
 
 def write_config_folder(config: dict[str, Any], folder: Path) -> Path:
-    """A model folder with only ``config.json`` (enough for ``qlora plan`` and :func:`build_direct`)."""
+    """A model folder with only ``config.json`` (enough for ``qlora plan`` and the ``random-weights`` plugin)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
-
-
-def build_direct(model_dir: Path | str, device: str, compute_dtype, quant_type: str = "nf4",
-                 double_quant: bool = True, seed: int = 0, quant_storage=None, load_in_4bit: bool = True):
-    """The model of ``model_dir``'s config with random weights, its linear layers (not the head) in 4 bits.
-
-    Marked ``is_loaded_in_4bit`` as transformers' loader does, so PEFT treats it as the quantized model it is.
-    With ``load_in_4bit=False`` every weight is drawn in ``compute_dtype`` (the unquantized reference).
-    """
-    import bitsandbytes as bnb
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    storage = quant_storage or torch.uint8
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    std = getattr(config, "initializer_range", 0.02)
-    head = model.get_output_embeddings()
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not head] if load_in_4bit else []
-    for name, module in linears:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-                              quant_storage=storage, device="meta")
-        w = torch.empty(module.out_features, module.in_features, dtype=compute_dtype, device=device)
-        w.normal_(0.0, std, generator=gen)
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
-                                     quant_storage=storage, module=q).to(device)  # .to() quantizes
-        del w
-        if module.bias is not None:
-            q.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=compute_dtype, device=device),
-                                        requires_grad=False)
-        setattr(parent, child, q)
-    # The parameters still on the meta device: embeddings, norms, head (tied ones once).
-    done: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for pname, p in list(module.named_parameters(recurse=False)):
-            if p.device.type != "meta":
-                continue
-            if id(p) not in done:
-                data = torch.empty(p.shape, dtype=p.dtype, device=device)
-                if p.dim() == 1:  # norm weights
-                    data.fill_(1.0)
-                else:
-                    data.normal_(0.0, std, generator=gen)
-                done[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
-            setattr(module, pname, done[id(p)])
-    for module in model.modules():
-        for bname, b in list(module.named_buffers(recurse=False)):
-            if b is not None:
-                module._buffers[bname] = b.to(device)
-    if getattr(config, "tie_word_embeddings", False) and head is not None:
-        head.weight = model.get_input_embeddings().weight
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise RuntimeError(f"parameters left on the meta device: {leftover[:5]}")
-    if load_in_4bit:
-        model.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer sets after loading
-    model.eval()
-    return model

@@ -9,8 +9,19 @@ from pathlib import Path
 HELP = "measure the guide's recipe and qlora's trainer side by side (tokens/s, GPU memory) on a model shape"
 
 
+def _variant_names() -> str:
+    """The named variants for the help text. A plugin's broken offer must not stop every other command (the
+    parser is built for all of them): ``qlora bench`` itself reports it."""
+    from qlora_core.framework.errors import PluginError
+    from qlora_core.tools.bench import named_variants
+
+    try:
+        return ", ".join(named_variants())
+    except PluginError as e:
+        return f"(none listed: {e})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from qlora_core.tools.bench import VARIANTS
     from qlora_core.tools.shapes import SHAPES
 
     parser.add_argument("--shape", default="llama3-8b", metavar="NAME_OR_PATH",
@@ -28,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="constant learning rate of every variant (default 2e-4, the guide's); higher makes "
                              "the loss curves move further on random weights")
     parser.add_argument("--variant", action="append", dest="variants", metavar="NAME[=KEY=VALUE,...]",
-                        help=f"what to measure (repeatable; default seed and qlora): {', '.join(VARIANTS)}, or "
-                             f"NAME=KEY=VALUE,... for qlora with config overrides (plugin:NAME adds a plugin)")
+                        help=f"what to measure (repeatable; default seed and qlora): a variant the core or an "
+                             f"installed plugin offers ({_variant_names()}), or NAME=KEY=VALUE,... for qlora with "
+                             f"config overrides (plugin:NAME adds a plugin)")
     parser.add_argument("--ablations", action="store_true",
-                        help="measure the seed, qlora and qlora with each lever changed, one at a time")
+                        help="measure the seed, qlora and qlora with each lever changed, one at a time (the "
+                             "variants the plugins mark as ablations)")
     parser.add_argument("--variant-timeout", type=float, default=1200, metavar="SECONDS",
                         help="stop a variant that takes longer (default 1200)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -41,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qlora_core.tools.bench import ABLATIONS, bench, render
+    from qlora_core.tools.bench import ablations, bench, render
 
     def save(report) -> None:
         if args.out:
@@ -50,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
 
     variants = list(args.variants or [])
     if args.ablations:
-        variants = list(ABLATIONS) + [v for v in variants if v not in ABLATIONS]
+        measured = ablations()
+        variants = measured + [v for v in variants if v not in measured]
     report = bench(shape=args.shape, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup, r=args.r,
                    lora_dropout=args.lora_dropout, learning_rate=args.learning_rate,
                    variants=variants or ("seed", "qlora"),
