@@ -10,13 +10,8 @@ layers' plain forward. ``--plugin no:compile-layers`` leaves every layer to eage
 from __future__ import annotations
 
 from qlora_core import Option, auto_on, hookimpl
-from qlora_plugins.fused_lora import fused_count
+from qlora_plugins.fused_lora import fused_count, on_cuda
 from qlora_plugins.layers import compile_layers
-
-
-def _on_cuda(model) -> bool:
-    """Whether the run computes on CUDA: where the model's weights are."""
-    return any(p.is_cuda for p in model.parameters())
 
 
 @hookimpl
@@ -32,7 +27,7 @@ def qlora_config_options():
 def qlora_adapter_model(model, config) -> None:
     # trylast: after the fused-lora plugin has (or has not) fused the layers, which decides what auto means.
     fused = fused_count(model) > 0
-    if auto_on(config["train.compile"], _on_cuda(model) and not fused):
+    if auto_on(config["train.compile"], on_cuda(model) and not fused):
         compile_layers(model)
 
 

@@ -188,7 +188,7 @@ def fused_count(model) -> int:
     return sum(1 for module in model.modules() if getattr(module.forward, "_qlora_fused", False))
 
 
-def _on_cuda(model) -> bool:
+def on_cuda(model) -> bool:
     """Whether the run computes on CUDA: where the model's weights are."""
     return any(p.is_cuda for p in model.parameters())
 
@@ -209,7 +209,7 @@ def qlora_config_options():
 @hookimpl
 def qlora_adapter_model(model, config) -> None:
     nf4_kernel.set_enabled(config["train.fast_dequant"])
-    if auto_on(config["train.fused_lora"], _on_cuda(model)):
+    if auto_on(config["train.fused_lora"], on_cuda(model)):
         fuse_lora_layers(model)
 
 

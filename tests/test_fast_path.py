@@ -585,7 +585,8 @@ def test_a_kernel_that_fails_to_run_falls_back_to_bitsandbytes_with_a_warning(mo
 def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, monkeypatch, where):
     """The adapters' bf16 copies are removed however the run ends, before its loop or in it: a copy left on a
     parameter would be read, stale, by the next run's fused op even with the copies switched off."""
-    from qlora_core.loop import job as trainer
+    from qlora_core.loop.record import RunRecord
+    from qlora_core.loop.trainer import Trainer
 
     seen = []
 
@@ -594,9 +595,9 @@ def test_a_failed_run_leaves_no_compute_copies_behind(tiny_config, tmp_path, mon
         raise RuntimeError("the run failed")
 
     if where == "in the loop":  # its first step: the copies were made when training started
-        monkeypatch.setattr(trainer.Job, "_forward_backward", fail)
+        monkeypatch.setattr(Trainer, "_forward_backward", fail)
     else:  # the run record is started after the optimizer and the flat buffer are made
-        monkeypatch.setattr(trainer.RunRecord, "start", fail)
+        monkeypatch.setattr(RunRecord, "start", fail)
     job = Job(tiny_config, overrides=["quant.bnb_4bit_compute_dtype=bfloat16", "train.fused_lora=true",
                                       "train.compile=false", "train.optim=adamw"], output_dir=tmp_path / "run")
     with pytest.raises(RuntimeError, match="the run failed"):

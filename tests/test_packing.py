@@ -12,7 +12,6 @@ import torch
 import yaml
 
 from qlora_core import cli
-from qlora_core.loop import job as trainer_module
 from qlora_core.loop.data import (IGNORE_INDEX, TokenizedExample, collate, collate_packed, pack_rows, packed_waste,
                              padding_waste, real_tokens)
 from qlora_core.framework.errors import UsageError

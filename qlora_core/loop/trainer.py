@@ -148,37 +148,41 @@ class Trainer:
                   num_train_examples=len(self.job.train_examples), num_eval_examples=len(self.job.eval_examples),
                   max_micro_batch_tokens=self.batching.max_micro_batch_tokens(), notify=self.hook.qlora_on_notice)
         run.step = state.step
-        if ckpt is not None:
-            self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
-        if self.job.num_parameters:
-            from qlora_core.tools.plan import guidance_warnings
-
-            for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes):
-                self.hook.qlora_on_notice(run=run, message=message)
-        if cfg["train.packing"]:
-            with self._autocast():
-                self._check_packing(model)
-        if state.step == 0:
-            # This process's micro-batches of the first epoch, in the order they will be trained on.
-            mine = self.batching.step_examples(0, len(self.job.train_examples), accelerator.process_index,
-                                       accelerator.num_processes)
-            waste = padding_waste(mine, state.micro_batch_size)
-            if cfg["train.packing"]:
-                waste["packed_filler_waste"] = self.batching.filler_waste(mine, state.micro_batch_size)
-            state.summary["padding_waste"] = waste
-            if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
-                self.hook.qlora_on_notice(run=run, message=self.batching.padding_message(waste))
-        record = RunRecord(out, accelerator.is_main_process)
-        if state.step:
-            record.resume(cfg, self.job.plugins, state.step)
-        else:
-            record.start(cfg, self.job.plugins)
+        record = None
+        # From here on a run exists: however it ends early, run.json and the plugins are told (a plugin that
+        # changed the model for the run, such as the varlen attention or the adapters' bf16 copies, undoes it).
         try:
+            if ckpt is not None:
+                self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
+            if self.job.num_parameters:
+                from qlora_core.tools.plan import guidance_warnings
+
+                for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes):
+                    self.hook.qlora_on_notice(run=run, message=message)
+            if cfg["train.packing"]:
+                with self._autocast():
+                    self._check_packing(model)
+            if state.step == 0:
+                # This process's micro-batches of the first epoch, in the order they will be trained on.
+                mine = self.batching.step_examples(0, len(self.job.train_examples), accelerator.process_index,
+                                                   accelerator.num_processes)
+                waste = padding_waste(mine, state.micro_batch_size)
+                if cfg["train.packing"]:
+                    waste["packed_filler_waste"] = self.batching.filler_waste(mine, state.micro_batch_size)
+                state.summary["padding_waste"] = waste
+                if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
+                    self.hook.qlora_on_notice(run=run, message=self.batching.padding_message(waste))
+            record = RunRecord(out, accelerator.is_main_process)
+            if state.step:
+                record.resume(cfg, self.job.plugins, state.step)
+            else:
+                record.start(cfg, self.job.plugins)
             with deterministic(cfg["train.deterministic"]):
                 result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params)
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            record.finish(status, error=e)
+            if record is not None:
+                record.finish(status, error=e)
             self.hook.qlora_on_train_failed(run=run, error=e, status=status)
             raise
         record.finish("completed")
