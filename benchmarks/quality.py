@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
 
-    from qlora_core.cli import quiet_third_party_noise
+    from qlora_core.framework.noise import quiet_third_party_noise
     from qlora_core.framework.errors import UsageError
     from qlora_core.loop.setup import default_config_data
 

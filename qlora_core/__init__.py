@@ -21,13 +21,7 @@ A run from Python::
 
 from __future__ import annotations
 
-import pluggy
-
-__version__ = "0.1.0"
-
-#: Marks a function or method as the implementation of a hook of :mod:`qlora_core.hookspecs`
-#: (``@hookimpl``, ``@hookimpl(tryfirst=True)``, ``@hookimpl(trylast=True)``).
-hookimpl = pluggy.HookimplMarker("qlora")
+from qlora_core.framework.plugins import __version__, hookimpl  # noqa: E402
 
 from qlora_core.framework.config import Config, Option, auto_on  # noqa: E402
 from qlora_core.framework.errors import ConfigError, PluginError, UsageError  # noqa: E402
@@ -41,9 +35,11 @@ from qlora_core.loop.record import RunResult  # noqa: E402
 from qlora_core.loop.setup import compute_dtype_for, resolve  # noqa: E402
 from qlora_core.tools.bench import bench_memory, bench_rows, bench_step_done  # noqa: E402
 from qlora_core.tools.evaluation import evaluate_run  # noqa: E402
-from qlora_core.tools.inference import (MERGE_DTYPES, format_prompt, generate, load_trained, merge,  # noqa: E402
+from qlora_core.loop.generation import generate  # noqa: E402
+from qlora_core.tools.inference import (MERGE_DTYPES, format_prompt, load_trained, merge,  # noqa: E402
                                         merge_adapter, resolve_dtype)
-from qlora_core.tools.plan import PlanSettings, guidance_warnings, plan, recommend  # noqa: E402
+from qlora_core.loop.guidance import guidance_warnings, recommend  # noqa: E402
+from qlora_core.tools.plan import PlanSettings, plan  # noqa: E402
 
 __all__ = [
     "__version__",

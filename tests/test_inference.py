@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qlora_core import cli
+from qlora_core.loop import generation
 from qlora_core.tools import inference
 from qlora_core.framework.errors import UsageError
 from qlora_plugins.nf4 import dequantize_4bit_model, use_float32_kernels
@@ -148,21 +149,21 @@ def test_generate_is_model_generate_greedy_and_streams_the_answer(trained):
     _, model, tok, fmt = trained
     prompt, special = inference.format_prompt(fmt, tok, QUESTION)
     stream = io.StringIO()
-    answer = inference.generate(model, tok, prompt, 12, stream_to=stream, add_special_tokens=special)
+    answer = generation.generate(model, tok, prompt, 12, stream_to=stream, add_special_tokens=special)
     assert answer and answer == greedy(model, tok, prompt, 12)
     assert stream.getvalue().endswith("\n") and stream.getvalue().strip() == answer
     assert not stream.getvalue()[0].isspace()
-    assert inference.generate(model, tok, prompt, 12) == answer  # no stream: same text
+    assert generation.generate(model, tok, prompt, 12) == answer  # no stream: same text
 
 
 def test_sampling_is_used_when_a_temperature_is_given(trained):
     _, model, tok, fmt = trained
     prompt, _ = inference.format_prompt(fmt, tok, QUESTION)
     torch.manual_seed(0)
-    answers = {inference.generate(model, tok, prompt, 8, temperature=5.0, top_p=1.0) for _ in range(3)}
+    answers = {generation.generate(model, tok, prompt, 8, temperature=5.0, top_p=1.0) for _ in range(3)}
     assert len(answers) > 1
     with pytest.raises(UsageError, match="top-p"):
-        inference.generate(model, tok, prompt, 8, temperature=1.0, top_p=0)
+        generation.generate(model, tok, prompt, 8, temperature=1.0, top_p=0)
 
 
 def test_qlora_generate_prints_the_answer_to_the_formatted_prompt(run_dir, trained, capsys):

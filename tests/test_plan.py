@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 
 from qlora_core.cli import main as cli_main
-from qlora_core.tools.plan import (
-    GIB,
-    guidance_notes,
-    guidance_warnings,
-    plan,
-    recommend,
-    short_float,
-)
+from qlora_core.loop.guidance import guidance_notes, guidance_warnings, recommend, short_float
+from qlora_core.tools.plan import GIB, plan
 from qlora_core import resolve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -56,8 +56,8 @@ def test_compile_layers_runs_after_fused_lora_and_auto_leaves_fused_layers_uncom
     the fused-lora plugin fused them (CUDA is stood in for on the CPU; compiling is lazy, nothing is built)."""
     from qlora_plugins import compile_layers, fused_lora
 
-    monkeypatch.setattr(fused_lora, "_on_cuda", lambda model: True)
-    monkeypatch.setattr(compile_layers, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(fused_lora, "on_cuda", lambda model: True)
+    monkeypatch.setattr(compile_layers, "on_cuda", lambda model: True)
 
     def model(name, *plugins):
         job = Job(tiny_config, plugins=list(plugins), output_dir=tmp_path / name)

@@ -11,9 +11,10 @@ import os
 import sys
 from typing import Sequence
 
-from qlora_core import __version__
+from qlora_core.framework.plugins import __version__
 from qlora_core.cli.commands import COMMANDS
 from qlora_core.framework.errors import PluginError, UsageError
+from qlora_core.framework.noise import quiet_third_party_noise
 
 EXIT_USAGE = 2
 
@@ -53,26 +54,6 @@ def add_plugin_commands(sub) -> None:
         command.set_defaults(handler=main)
 
     pm.hook.qlora_register_commands(register=register)
-
-
-def quiet_third_party_noise() -> None:
-    """Silence messages from dependencies that say nothing actionable to a qlora user."""
-    import logging
-    import warnings
-
-    # bitsandbytes on CPU: "Failed to load CPU gemm_4bit_forward from kernels-community" (a hub download
-    # it cannot make offline; its built-in kernel is used instead).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # PEFT still calls the name transformers 5.2x deprecated.
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*deprecated", category=DeprecationWarning)
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

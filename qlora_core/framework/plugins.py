@@ -21,6 +21,13 @@ import pluggy
 from qlora_core import hookspecs
 from qlora_core.framework.errors import PluginError
 
+#: The installed qlora's version.
+__version__ = "0.1.0"
+
+#: Marks a function or method as the implementation of a hook of :mod:`qlora_core.hookspecs`
+#: (``@hookimpl``, ``@hookimpl(tryfirst=True)``, ``@hookimpl(trylast=True)``).
+hookimpl = pluggy.HookimplMarker("qlora")
+
 ENTRY_POINT_GROUP = "qlora"
 
 #: Plugins that take part in every run unless turned off with ``--plugin no:NAME``.

@@ -169,7 +169,7 @@ class Job:
 
     def generate(self, prompt: str, max_new_tokens: int, add_special_tokens: bool = True, model: Any = None) -> str:
         """Greedy answer of the model to a formatted prompt."""
-        from qlora_core.tools.inference import generate
+        from qlora_core.loop.generation import generate
 
         model = model if model is not None else self.model
         return generate(model, self.tokenizer, prompt, max_new_tokens, add_special_tokens=add_special_tokens)

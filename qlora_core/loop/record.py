@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qlora_core import __version__
+from qlora_core.framework.plugins import __version__
 from qlora_core.framework.config import Config
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.plugins import PluginSet

@@ -25,8 +25,6 @@ from qlora_core.loop.record import RunRecord, RunResult, prepare_output_dir
 if TYPE_CHECKING:
     import torch
 
-    from qlora_core.loop.job import Job
-
 
 def make_accelerator(cpu: bool, fp16: bool) -> Any:
     """The run's ``accelerate.Accelerator``: processes, devices, gradient synchronisation, the fp16 loss scaler.
@@ -73,7 +71,7 @@ class Trainer:
     :param job: the :class:`~qlora_core.loop.job.Job` whose config, plugins, tokenizer, data and model it uses.
     """
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: Any):
         self.job = job
         self.config = job.config
         self.hook = job.hook
@@ -155,7 +153,7 @@ class Trainer:
             if ckpt is not None:
                 self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
             if self.job.num_parameters:
-                from qlora_core.tools.plan import guidance_warnings
+                from qlora_core.loop.guidance import guidance_warnings
 
                 for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes):
                     self.hook.qlora_on_notice(run=run, message=message)

@@ -22,7 +22,6 @@ tokens/s, peak allocated and reserved GPU memory, weight memory after loading, f
 
     qlora bench --shape llama3-8b --seq 2048 --batch 4 --steps 10
     qlora bench --shape llama3-8b --ablations --json --out bench.json
-    python -m qlora_core.tools.bench ...        # the same, as a script
 """
 
 from __future__ import annotations
@@ -184,7 +183,7 @@ class _Profiler:
 
     @staticmethod
     def _hookimpl():
-        from qlora_core import hookimpl
+        from qlora_core.framework.plugins import hookimpl
 
         class Plugin:
             @hookimpl
@@ -232,7 +231,7 @@ def _watch(device: str) -> Any:
     weights take before any preparation, and the vocabulary size; and what the decoder layers do, as the run
     announces it (the last ``decoder layers: ...`` notice; the trainer sends one before the first step, on a
     GPU)."""
-    from qlora_core import hookimpl
+    from qlora_core.framework.plugins import hookimpl
 
     class Watch:
         started = time.perf_counter()
@@ -494,7 +493,7 @@ def bench(shape: str = "llama3-8b", seq: int = 2048, batch: int = 4, steps: int 
 
 
 def _worker_main(job_file: str, result_file: str) -> int:
-    from qlora_core.cli import quiet_third_party_noise
+    from qlora_core.framework.noise import quiet_third_party_noise
 
     try:  # Linux: die with the bench process, not hold the GPU after it was stopped
         import ctypes
@@ -516,12 +515,13 @@ def _worker_main(job_file: str, result_file: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The worker process of one variant (``--worker JOB_FILE RESULT_FILE``); ``qlora bench`` is the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        return _worker_main(argv[1], argv[2])
-    from qlora_core.cli import main as cli_main
-
-    return cli_main(["bench", *argv])
+    if argv[:1] != ["--worker"] or len(argv) != 3:
+        print("error: this module runs qlora bench's variants; the command is qlora bench (see qlora bench --help)",
+              file=sys.stderr)
+        return 2
+    return _worker_main(argv[1], argv[2])
 
 
 if __name__ == "__main__":

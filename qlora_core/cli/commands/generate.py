@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from qlora_core.framework.errors import UsageError
-    from qlora_core.tools.inference import format_prompt, generate, load_trained
+    from qlora_core.loop.generation import generate
+    from qlora_core.tools.inference import format_prompt, load_trained
 
     if args.prompt is None and not args.interactive:
         raise UsageError("give a question with --prompt TEXT, or --interactive to read them from stdin")

@@ -54,7 +54,8 @@ def print_plan(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from qlora_core.tools.plan import GIB, ROW_LABELS, human_count, short_float
+    from qlora_core.loop.guidance import human_count, short_float
+    from qlora_core.tools.plan import GIB, ROW_LABELS
 
     console = Console()
     shape, st, rec = result.shape, result.settings, result.recommendation
