@@ -57,6 +57,18 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return path
 
 
+def loss_by_hand(model, batch):
+    """The summed next-token cross-entropy over a batch's answer tokens from the model's full logits, and their
+    number: what every loss path must equal."""
+    from qlora_core import model_inputs
+
+    logits = model(**model_inputs(batch)).logits
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep],
+                                             reduction="sum")
+    return loss, int(keep.sum())
+
+
 def labelled_runs(example, tok) -> list[str]:
     """Decode each contiguous run of tokens the loss covers."""
     runs, current = [], []

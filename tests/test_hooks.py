@@ -13,7 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from qlora_core import IGNORE_INDEX, Job, TrainControl, cli, model_inputs
+from qlora_core import Job, TrainControl, cli
+
+from conftest import loss_by_hand
 
 
 def plugin_module(tmp_path, monkeypatch, body: str, name: str = "hooks_under_test") -> str:
@@ -382,15 +384,13 @@ def test_a_plugin_adds_a_qlora_command(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "error: --name nobody: give a name\n"
 
 
-def test_the_public_loss_helpers_compute_the_core_loss(tiny_config, tmp_path):
-    """``model_inputs`` and ``IGNORE_INDEX`` are what a loss plugin needs to compute the core's loss itself."""
+def test_the_default_loss_equals_the_loss_by_hand(tiny_config, tmp_path):
+    """With the default plugins (the fused-loss plugin answers) the loss is the full logits' cross-entropy, which a
+    loss plugin computes from the public ``model_inputs`` and ``IGNORE_INDEX`` (``loss_by_hand``)."""
     job = Job(tiny_config)
     job.load_data()
     model = job.load_model()
     batch = job._collate(job.train_examples[:2])
     ours, n = job._loss(model, batch)
-    logits = model(**model_inputs(batch)).logits
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    theirs = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep],
-                                               reduction="sum")
-    assert n == int(keep.sum()) and float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    theirs, expected_n = loss_by_hand(model, batch)
+    assert n == expected_n and float(ours) == pytest.approx(float(theirs), rel=1e-5)

@@ -8,7 +8,9 @@ import textwrap
 
 import torch
 
-from qlora_core import IGNORE_INDEX, Job, model_inputs
+from qlora_core import Job
+
+from conftest import loss_by_hand
 
 SPEED_PLUGINS = ("gradient-checkpointing", "fused-lora", "compile-layers", "liger-kernels", "fused-loss",
                  "varlen-packing", "flat-params")
@@ -52,8 +54,5 @@ def test_the_core_alone_trains_with_plain_pytorch_and_peft(tiny_config, tmp_path
     job.load_data()
     batch = job._collate(job.train_examples[:2])
     loss, n = job._loss(model, batch)
-    logits = model(**model_inputs(batch)).logits
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep],
-                                                 reduction="sum")
-    assert n == int(keep.sum()) and torch.allclose(loss, expected)
+    expected, expected_n = loss_by_hand(model, batch)
+    assert n == expected_n and torch.allclose(loss, expected)
