@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_core import Option, hookimpl
+from qlora_plugins.fused_lora import fused_count  # its fused layers read the adapters' compute copies
 
 
 class FlatParams:
@@ -132,12 +133,6 @@ class FlatParams:
                 p.grad = view
 
 
-def has_fused_layers(model) -> bool:
-    """Whether ``model`` has layers whose forward is the fused 4-bit + LoRA op (marked ``_qlora_fused``): the
-    readers of the adapters' compute copies."""
-    return any(getattr(m.forward, "_qlora_fused", False) for m in model.modules())
-
-
 class FlatParamsPlugin:
     """The ``flat-params`` plugin. Its per-run state: :attr:`flat`, the run's :class:`FlatParams` (None when the
     run's optimizer steps the parameters as they are: the option off, DDP, or another plugin's choice)."""
@@ -180,7 +175,7 @@ class FlatParamsPlugin:
         # that however the run ends qlora_on_train_end or qlora_on_train_failed removes it: a copy left on the
         # parameters would be read, stale, by a later run or forward that does not keep one.
         dtype = getattr(torch, run.compute_dtype)
-        if run.config["train.adapter_compute_copy"] and dtype != torch.float32 and has_fused_layers(run.model):
+        if run.config["train.adapter_compute_copy"] and dtype != torch.float32 and fused_count(run.model) > 0:
             self.flat.add_compute_copies(dtype)
         self.flat.sync_compute_copies()  # the parameters as they are now (a resumed checkpoint's, a callback's)
 
