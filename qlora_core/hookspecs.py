@@ -21,7 +21,8 @@ Hooks are grouped by the stage of a run at which they are called, in that order:
    :func:`qlora_collate` and :func:`qlora_compute_loss` for each micro-batch, :func:`qlora_on_after_backward`
    before the optimizer steps, :func:`qlora_on_step_end`; :func:`qlora_on_log` every ``train.logging_steps``,
    :func:`qlora_on_epoch_end` at each epoch's end, :func:`qlora_on_evaluate` every ``train.eval_steps`` and at
-   the end, :func:`qlora_on_save` for each checkpoint, :func:`qlora_on_notice` for what the user should know,
+   the end, :func:`qlora_on_save` for each checkpoint, :func:`qlora_on_mode` whenever the loop switches between
+   training and evaluating, saving or exporting, :func:`qlora_on_notice` for what the user should know,
    the sample after training; :func:`qlora_on_train_failed` instead of the rest when the run fails or is
    interrupted
 7. export: :func:`qlora_export`, with :func:`qlora_on_save` for each folder written, then
@@ -518,6 +519,25 @@ def qlora_on_notice(run: "Run", message: str) -> None:
     :returns: nothing.
 
     Every plugin's implementation is called, on every process; check ``run.is_main_process`` before printing.
+    """
+
+
+@hookspec
+def qlora_on_mode(run: "Run", mode: str) -> None:
+    """The loop switches between training and using the weights: ``"eval"`` before an evaluation, a sample
+    answer, a checkpoint or the exports, ``"train"`` before the steps go on.
+
+    An optimizer whose training weights differ from the weights it hands out (schedule-free AdamW keeps an
+    interpolation point for its steps and an average to evaluate) swaps them here, so evaluations, checkpoints
+    and the exported adapter hold the averaged weights and training resumes on its own. A run starts in
+    ``"eval"`` (the evaluation before training), is switched to ``"train"`` before its first step (also on a
+    resumed run) and ends in ``"eval"``; consecutive evaluations and saves make one switch.
+
+    :param run: the run; ``run.optimizer`` and ``run.model`` are what to switch.
+    :param mode: ``"train"`` or ``"eval"``.
+    :returns: nothing.
+
+    Every plugin's implementation is called, on every process.
     """
 
 

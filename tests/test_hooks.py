@@ -394,3 +394,57 @@ def test_the_default_loss_equals_the_loss_by_hand(tiny_config, tmp_path):
     ours, n = job._loss(model, batch)
     theirs, expected_n = loss_by_hand(model, batch)
     assert n == expected_n and float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+
+MODES = """
+from qlora_core import hookimpl
+
+class Modes:
+    def __init__(self):
+        self.events = []
+
+    @hookimpl
+    def qlora_on_mode(self, run, mode):
+        self.events.append((mode, run.step, run.optimizer is not None, run.model.training))
+
+    @hookimpl
+    def qlora_on_step_begin(self, run, step):
+        self.events.append(("step", step))
+
+    @hookimpl
+    def qlora_on_evaluate(self, run, metrics):
+        self.events.append(("evaluate", metrics["step"]))
+
+    @hookimpl
+    def qlora_on_save(self, run, path):
+        self.events.append(("save", path.name))
+"""
+
+
+def test_on_mode_switches_to_eval_for_evaluations_checkpoints_and_exports_and_back(tiny_config, tmp_path,
+                                                                                     monkeypatch):
+    mod = plugin_module(tmp_path, monkeypatch, MODES)
+    job, _ = run_job(with_eval(tiny_config), tmp_path, [f"{mod}:Modes"], max_steps=4, eval_steps=2,
+                     save_strategy="steps", save_steps=2)
+    events = [e[:2] for e in plugin_of(job, f"{mod}:Modes").events]
+    assert events == [
+        ("eval", 0), ("evaluate", 0),
+        ("train", 0), ("step", 1), ("step", 2),
+        ("eval", 2), ("evaluate", 2), ("save", "step-0000002"),  # one switch for the evaluation and the save
+        ("train", 2), ("step", 3), ("step", 4),
+        ("eval", 4), ("evaluate", 4), ("save", "adapter"),
+    ]
+    modes = [e for e in plugin_of(job, f"{mod}:Modes").events if e[0] in ("train", "eval")]
+    assert all(has_optimizer for _, _, has_optimizer, _ in modes)
+
+
+def test_a_resumed_run_is_switched_to_train_before_its_first_step(tiny_config, tmp_path, monkeypatch):
+    mod = plugin_module(tmp_path, monkeypatch, MODES)
+    job, first = run_job(tiny_config, tmp_path, [f"{mod}:Modes"], max_steps=4, save_strategy="steps",
+                         save_steps=2)
+    assert sorted(p.name for p in (first.output_dir / "checkpoints").iterdir()) == ["step-0000002"]
+    resumed = Job(resume=first.output_dir, overrides=["train.max_steps=4"])
+    # The resumed run reloads its plugins from plugins.json: find the recorder there.
+    resumed.run()
+    events = [e[:2] for e in plugin_of(resumed, f"{mod}:Modes").events]
+    assert events[:2] == [("train", 2), ("step", 3)] and events[-2:] == [("eval", 4), ("save", "adapter")]

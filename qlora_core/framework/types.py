@@ -89,6 +89,8 @@ class Run:
     :ivar model: the trained model (PEFT-wrapped) once it exists.
     :ivar tokenizer: the tokenizer.
     :ivar accelerator: the ``accelerate.Accelerator`` driving the run.
+    :ivar optimizer: the optimizer (as the accelerator prepared it) once it exists.
+    :ivar lr_scheduler: the learning-rate schedule once it exists.
     :ivar num_train_examples / num_eval_examples: examples after formatting and tokenization.
     :ivar max_micro_batch_tokens: the most tokens one micro-batch holds (batch x sequence), for plugins that
         size buffers once.
@@ -106,6 +108,8 @@ class Run:
     model: Any = None
     tokenizer: Any = None
     accelerator: Any = None
+    optimizer: Any = None
+    lr_scheduler: Any = None
     num_train_examples: int = 0
     num_eval_examples: int = 0
     max_micro_batch_tokens: int = 0

@@ -77,6 +77,7 @@ class Trainer:
         self.hook = job.hook
         self.batching = Batching(job.config, job.hook, job.tokenizer.pad_token_id, job.train_examples)
         self._packing_checked = False
+        self._mode: str | None = None  # "train" or "eval", as the plugins were last told (qlora_on_mode)
 
     def train(self) -> RunResult:
         """Train the loaded model on the loaded data; write metrics, checkpoints, exports and the run's record.
@@ -142,7 +143,8 @@ class Trainer:
 
         run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
                   device=str(accelerator.device), compute_dtype=str(self.job.compute_dtype).replace("torch.", ""),
-                  model=model, tokenizer=self.job.tokenizer, accelerator=accelerator,
+                  model=model, tokenizer=self.job.tokenizer, accelerator=accelerator, optimizer=optimizer,
+                  lr_scheduler=scheduler,
                   num_train_examples=len(self.job.train_examples), num_eval_examples=len(self.job.eval_examples),
                   max_micro_batch_tokens=self.batching.max_micro_batch_tokens(), notify=self.hook.qlora_on_notice)
         run.step = state.step
@@ -201,6 +203,7 @@ class Trainer:
         per_step = self.batching.examples_per_step(world)
         n = len(self.job.train_examples)
         if state.step == 0:
+            self._set_mode(run, "eval")
             if self.job.eval_examples:
                 ev = self.evaluate(model, accelerator)
                 state.summary["eval_loss_before"] = ev["eval_loss"]
@@ -223,6 +226,7 @@ class Trainer:
             t0 = time.perf_counter()
             examples = self.batching.step_examples(state.examples_seen, per_step, rank, world)
             lr = scheduler.get_last_lr()[0]
+            self._set_mode(run, "train")
             hook.qlora_on_step_begin(run=run, step=step)
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
             hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
@@ -268,6 +272,7 @@ class Trainer:
             _agree(control, world, device)
             if self.job.eval_examples and step != run.max_steps and not control.should_stop and (
                     control.should_evaluate or (cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0)):
+                self._set_mode(run, "eval")
                 ev = {"step": step, **self.evaluate(model, accelerator)}
                 record.metric(ev)
                 hook.qlora_on_evaluate(run=run, metrics=ev)
@@ -281,6 +286,7 @@ class Trainer:
                 or (strategy == "epoch" and epochs_done > epoch_before))
             control.should_stop = control.should_save = control.should_evaluate = False
             if save:
+                self._set_mode(run, "eval")
                 state.train_seconds = time.perf_counter() - started
                 if run.is_main_process:
                     path = save_checkpoint(run.output_dir, step, accelerator.unwrap_model(model), optimizer,
@@ -300,6 +306,7 @@ class Trainer:
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
         if device.type == "cuda":
             summary["peak_gpu_memory_gib"] = _busiest_gpu_peak_gib(device, world)
+        self._set_mode(run, "eval")  # the evaluation, the sample and the exports see the weights as trained
         if self.job.eval_examples:
             ev = {"step": run.step, **self.evaluate(model, accelerator)}
             summary["eval_loss_after"] = ev["eval_loss"]
@@ -316,6 +323,13 @@ class Trainer:
         hook.qlora_on_train_end(run=run, summary=summary)
         record.summary = summary
         return RunResult(run.output_dir, run.step, record.metrics, summary, exports)
+
+    def _set_mode(self, run: Run, mode: str) -> None:
+        """Tell the plugins the loop switches between training and evaluating, saving or exporting (only when
+        it does: consecutive evaluations and saves are one switch)."""
+        if self._mode != mode:
+            self._mode = mode
+            self.hook.qlora_on_mode(run=run, mode=mode)
 
     def _forward_backward(self, model, examples, state, accelerator, run) -> tuple[float, int, int]:
         """Forward and backward over one optimizer step's examples, split into micro-batches: of
