@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+from pathlib import Path
 import textwrap
 
 import pytest
@@ -193,3 +197,88 @@ def test_cli_reports_plugin_errors_on_one_line_with_code_2(capsys):
 def test_train_optim_must_name_an_optimizer_plugin():
     with pytest.raises(ConfigError, match="train.optim: unknown optimizer 'nf4'"):
         resolve({"train": {"optim": "nf4"}})
+
+
+HEAVY = '''
+raise RuntimeError("importing this plugin runs its code")
+from qlora_core import hookimpl
+
+@hookimpl
+def qlora_on_step_end(run, metrics):
+    pass
+
+def qlora_not_marked(run):
+    pass
+
+class Callback:
+    @hookimpl(trylast=True)
+    def qlora_on_log(self, run, metrics):
+        pass
+
+    @hookimpl
+    def qlora_on_evaluate(self, run, metrics):
+        pass
+
+instance = Callback()
+inherited = dict()
+
+class Derived(Callback):
+    pass
+'''
+
+
+def test_plugin_hooks_are_read_from_the_source_without_running_it(tmp_path, monkeypatch):
+    from qlora_core.framework.plugins import static_hooks
+
+    (tmp_path / "heavy_plugin.py").write_text(HEAVY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hooks, path = static_hooks("heavy_plugin")
+    assert hooks == ["qlora_on_step_end"] and path == str(tmp_path / "heavy_plugin.py")
+    assert static_hooks("heavy_plugin:Callback")[0] == ["qlora_on_evaluate", "qlora_on_log"]
+    assert static_hooks("heavy_plugin:instance")[0] == ["qlora_on_evaluate", "qlora_on_log"]
+    # What the source cannot say is left to an import.
+    assert static_hooks("heavy_plugin:inherited") is None
+    assert static_hooks("heavy_plugin:Derived") is None
+    assert static_hooks("no_such_module_anywhere") is None
+    assert "heavy_plugin" not in sys.modules
+
+
+def test_listing_from_the_source_agrees_with_importing_every_plugin():
+    from qlora_core.framework.plugins import installed_plugins
+
+    read, loaded = installed_plugins(), installed_plugins(load=True)
+    assert [r["name"] for r in read] == [r["name"] for r in loaded]
+    for a, b in zip(read, loaded):
+        assert a["hooks"] == b["hooks"], a["name"]
+        assert a["file"] == b["file"] and Path(a["file"]).is_file()
+    assert not any(r["imported"] for r in read if r["distribution"] == "qlora")  # the built-ins: none imported
+
+
+def test_trace_plugins_logs_every_hook_call_with_its_plugin_and_duration(tiny_config, tmp_path, monkeypatch,
+                                                                         capsys):
+    from qlora_core import Job
+
+    monkeypatch.setenv("QLORA_TRACE_PLUGINS", "1")
+    Job(dict(tiny_config, train={**tiny_config["train"], "max_steps": 2}), plugins=["adamw", "no:rich-progress"],
+        output_dir=tmp_path / "run").run()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora trace: ")]
+    calls = [line.split()[2:4] for line in lines]
+    assert ["qlora_optimizer", "adamw"] in calls and ["qlora_export", "adapter-export"] in calls
+    assert calls.count(["qlora_quantization_config", "nf4"]) == 1
+    assert all(re.fullmatch(r"qlora trace: qlora_\w+ [\w-]+ \d+\.\d\d ms (-> \S+|raised \w+)", line) for line in lines)
+    optimizer = next(line for line in lines if " qlora_optimizer adamw " in line)
+    assert optimizer.endswith("-> AdamW")
+
+
+def test_trace_plugins_option_of_the_command_line_sets_the_variable(monkeypatch):
+    from qlora_core import cli
+
+    seen = {}
+    monkeypatch.delenv("QLORA_TRACE_PLUGINS", raising=False)
+    monkeypatch.setattr("qlora_core.cli.commands.plugins.main",
+                        lambda args: seen.setdefault("value", os.environ.get("QLORA_TRACE_PLUGINS")) and 0)
+    for argv in (["--trace-plugins", "plugins"], ["plugins", "--trace-plugins"]):
+        seen.clear()
+        monkeypatch.delenv("QLORA_TRACE_PLUGINS", raising=False)
+        cli.main(argv)
+        assert seen["value"] == "1"

@@ -9,9 +9,9 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from qlora_core.framework.plugins import __version__
+from qlora_core.framework.plugins import TRACE_ENV, __version__
 from qlora_core.cli.commands import COMMANDS
 from qlora_core.framework.errors import PluginError, UsageError
 from qlora_core.framework.noise import quiet_third_party_noise
@@ -28,14 +28,22 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qlora", description="QLoRA fine-tuning through plugins.")
     parser.add_argument("--version", action="version", version=f"qlora {__version__}")
+    _add_trace_option(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"qlora_core.cli.commands.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
+        _add_trace_option(command)
         command.set_defaults(handler=module.main)
     add_plugin_commands(sub)
     return parser
+
+
+def _add_trace_option(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """``--trace-plugins``, before or after the command's name."""
+    parser.add_argument("--trace-plugins", action="store_true", default=default,
+                        help=f"log every hook call with its plugin and duration to stderr (or set {TRACE_ENV}=1)")
 
 
 def add_plugin_commands(sub) -> None:
@@ -63,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     args = parser.parse_args(argv)
+    if args.trace_plugins:
+        os.environ[TRACE_ENV] = "1"  # read where each run's plugins are registered
     if args.command != "plugins":
         quiet_third_party_noise()
     try:

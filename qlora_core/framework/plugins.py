@@ -7,10 +7,12 @@ run by itself.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +212,8 @@ class PluginSet:
             ) from None
         for info in self.infos:
             info.hooks = [h.name for h in self.pm.get_hookcallers(info.plugin) or []]
+        if tracing():
+            trace_hook_calls(self.pm)
 
     @property
     def hook(self) -> Any:
@@ -227,6 +231,50 @@ class PluginSet:
     def dump(self, path: Path) -> None:
         """Write the plugins with their versions, as ``plugins.json`` in runs and checkpoints."""
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+#: Set to 1 (``qlora --trace-plugins`` does) to log every hook call with its plugin and duration.
+TRACE_ENV = "QLORA_TRACE_PLUGINS"
+
+
+def tracing() -> bool:
+    return os.environ.get(TRACE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def trace_hook_calls(pm: pluggy.PluginManager, stream: Any = None) -> None:
+    """Log each call of every registered hook implementation, one line to stderr: the hook, the plugin, how long
+    it took and what it returned (``-`` for None), or what it raised.
+
+    Each implementation's function is timed on its own (pluggy's call monitoring sees only a whole hook call).
+    """
+    import time
+
+    def timed(hook_name: str, plugin_name: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            out = stream or sys.stderr
+            t0 = time.perf_counter()
+            try:
+                result = function(*args)
+            except BaseException as e:
+                ms = (time.perf_counter() - t0) * 1e3
+                print(f"qlora trace: {hook_name} {plugin_name} {ms:.2f} ms raised {type(e).__name__}", file=out,
+                      flush=True)
+                raise
+            ms = (time.perf_counter() - t0) * 1e3
+            shown = "-" if result is None else type(result).__name__
+            print(f"qlora trace: {hook_name} {plugin_name} {ms:.2f} ms -> {shown}", file=out, flush=True)
+            return result
+
+        call.__wrapped__ = function  # type: ignore[attr-defined]
+        return call
+
+    for hook_name in dir(pm.hook):
+        if not hook_name.startswith("qlora_"):
+            continue
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper or getattr(impl.function, "__wrapped__", None) is not None:
+                continue
+            impl.function = timed(hook_name, impl.plugin_name, impl.function)
 
 
 def select_plugins(requested: Sequence[str], blocked: Sequence[str] = (),
@@ -272,21 +320,82 @@ def select_plugins(requested: Sequence[str], blocked: Sequence[str] = (),
     return PluginSet(infos)
 
 
-def installed_plugins() -> list[dict[str, Any]]:
-    """Every installed ``qlora`` entry point with its distribution, version, hooks and default flag.
+def _decorated_hooks(body: Sequence[ast.stmt]) -> list[str]:
+    """The ``qlora_`` functions among ``body`` that carry a ``hookimpl`` decorator (``@hookimpl``,
+    ``@hookimpl(...)``, ``@qlora_core.hookimpl``)."""
+    def is_hookimpl(dec: ast.expr) -> bool:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+        return name == "hookimpl"
 
-    A plugin that fails to import is listed with its error instead of hooks.
+    return sorted(node.name for node in body
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("qlora_")
+                  and any(is_hookimpl(d) for d in node.decorator_list))
+
+
+def static_hooks(value: str) -> tuple[list[str], str] | None:
+    """The hooks an entry point's object implements and the file it lives in, read from the source without
+    running it; ``None`` where the source does not say (no source file, an object built by a call to a class
+    from elsewhere, hooks added at run time): then the plugin must be imported.
+
+    :param value: the entry point's value, ``module`` or ``module:attribute``.
+    """
+    module_name, _, attr = value.partition(":")
+    try:
+        spec = importlib.util.find_spec(module_name)  # imports the parent packages only
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    if not attr:
+        return _decorated_hooks(tree.body), spec.origin
+    if attr in classes:
+        cls = classes[attr]
+        if any(not (isinstance(b, ast.Name) and b.id == "object") for b in cls.bases):
+            return None  # hooks may be inherited from a class defined elsewhere
+        return _decorated_hooks(cls.body), spec.origin
+    for node in tree.body:  # NAME = SomeClass(...) with SomeClass defined in the module
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == attr for t in node.targets):
+            call = node.value
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in classes:
+                cls = classes[call.func.id]
+                if not cls.bases:
+                    return _decorated_hooks(cls.body), spec.origin
+    return None
+
+
+def installed_plugins(load: bool = False) -> list[dict[str, Any]]:
+    """Every installed ``qlora`` entry point with its distribution, version, file, hooks and default flag.
+
+    The hooks are read from the plugin's source where it says them (:func:`static_hooks`), so listing imports
+    no plugin's dependencies; otherwise, or with ``load``, the plugin is imported. A plugin that fails to
+    import is listed with its error instead of hooks.
     """
     out = []
     for name, ep in sorted(entry_points().items()):
         dist = ep.dist
         row: dict[str, Any] = {"name": name, "distribution": dist.name if dist else None,
-                               "version": dist.version if dist else None, "default": name in DEFAULT_PLUGINS}
-        try:
-            row["hooks"] = implemented_hooks(ep.load())
-        except Exception as e:
-            row["hooks"] = []
-            row["error"] = f"{type(e).__name__}: {e}"
+                               "version": dist.version if dist else None, "default": name in DEFAULT_PLUGINS,
+                               "entry_point": ep.value}
+        found = None if load else static_hooks(ep.value)
+        if found is not None:
+            row["hooks"], row["file"] = found
+            row["imported"] = False
+        else:
+            row["imported"] = True
+            try:
+                obj = ep.load()
+                row["hooks"] = implemented_hooks(obj)
+                module = sys.modules.get(ep.module)
+                row["file"] = getattr(module, "__file__", None)
+            except Exception as e:
+                row["hooks"] = []
+                row["error"] = f"{type(e).__name__}: {e}"
         out.append(row)
     return out
 
