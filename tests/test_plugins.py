@@ -273,12 +273,15 @@ def test_trace_plugins_logs_every_hook_call_with_its_plugin_and_duration(tiny_co
 def test_trace_plugins_option_of_the_command_line_sets_the_variable(monkeypatch):
     from qlora_core import cli
 
-    seen = {}
-    monkeypatch.delenv("QLORA_TRACE_PLUGINS", raising=False)
+    seen, before = {}, os.environ.get("QLORA_TRACE_PLUGINS")
+    # setenv first records the variable's absence, so the values cli.main sets are undone after the test
+    monkeypatch.setenv("QLORA_TRACE_PLUGINS", "")
     monkeypatch.setattr("qlora_core.cli.commands.plugins.main",
                         lambda args: seen.setdefault("value", os.environ.get("QLORA_TRACE_PLUGINS")) and 0)
     for argv in (["--trace-plugins", "plugins"], ["plugins", "--trace-plugins"]):
         seen.clear()
-        monkeypatch.delenv("QLORA_TRACE_PLUGINS", raising=False)
+        monkeypatch.setenv("QLORA_TRACE_PLUGINS", "")
         cli.main(argv)
         assert seen["value"] == "1"
+    monkeypatch.undo()
+    assert os.environ.get("QLORA_TRACE_PLUGINS") == before  # nothing leaks into the tests that follow
