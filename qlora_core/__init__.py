@@ -60,4 +60,14 @@ __all__ = [
     "MERGE_DTYPES", "plan", "PlanSettings", "recommend", "guidance_warnings",
     # for a qlora bench variant with its own code (a plugin's "run")
     "bench_rows", "bench_step_done", "bench_memory",
+    # pytest fixtures and helpers for testing plugins (imports pytest, so loaded when first used)
+    "testing",
 ]
+
+
+def __getattr__(name: str):
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module("qlora_core.testing")
+    raise AttributeError(f"module 'qlora_core' has no attribute {name!r}")

@@ -26,6 +26,9 @@ The fixtures, all prefixed ``qlora_``:
     keys such as ``max_steps=4`` changed) into a new folder under the test's ``tmp_path`` and returns its
     :class:`qlora_core.RunResult`; ``qlora_run.job`` is the last :class:`qlora_core.Job` it ran.
 
+Helpers to import: :func:`tiny_llama` (a tiny model of any width), :func:`write_jsonl`, :func:`labelled_runs`
+(the text a tokenized example trains on).
+
 Nothing here downloads anything: the model is built from a config, the tokenizer comes from an installed
 package. Importing this module imports no torch or transformers; the fixtures do when they are used.
 """
@@ -40,7 +43,7 @@ from typing import Any, Sequence
 
 import pytest
 
-__all__ = ["tiny_llama", "write_jsonl", "TINY_ROWS"]
+__all__ = ["tiny_llama", "write_jsonl", "labelled_runs", "TINY_ROWS"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -82,6 +85,25 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     """Write ``rows`` as JSON lines to ``path`` and return it."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def labelled_runs(example: Any, tokenizer: Any) -> list[str]:
+    """Decode each contiguous run of tokens a :class:`qlora_core.TokenizedExample`'s loss covers: what a dataset
+    format trains on, as text (a format's test compares these with the answers)."""
+    from qlora_core import IGNORE_INDEX
+
+    runs, current = [], []
+    for tid, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == tid, "a trained label differs from its input token"
+            current.append(tid)
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
 
 
 @pytest.fixture(scope="session")

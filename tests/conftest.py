@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qlora_core import IGNORE_INDEX
-from qlora_core.testing import write_jsonl  # noqa: F401  (tests import it from here)
+from qlora_core.testing import labelled_runs, write_jsonl  # noqa: F401  (tests import them from here)
 
 torch.set_num_threads(1)
 
@@ -43,22 +43,6 @@ def loss_by_hand(model, batch):
     loss = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep],
                                              reduction="sum")
     return loss, int(keep.sum())
-
-
-def labelled_runs(example, tok) -> list[str]:
-    """Decode each contiguous run of tokens the loss covers."""
-    runs, current = [], []
-    for tid, label in zip(example.input_ids, example.labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            assert label == tid
-            current.append(tid)
-    if current:
-        runs.append(current)
-    return [tok.decode(r) for r in runs]
 
 
 @pytest.fixture

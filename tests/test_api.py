@@ -52,6 +52,8 @@ def test_every_public_name_has_its_own_docstring(name):
     if inspect.isclass(obj) or inspect.isfunction(obj):
         doc = inspect.getdoc(obj) or ""
         assert doc and not doc.startswith(f"{obj.__name__}("), f"{name} needs a docstring of its own"
+    elif inspect.ismodule(obj):
+        assert len((obj.__doc__ or "").strip()) > 40, f"the module {name} needs a docstring"
     else:
         assert _doc_comment(name), f"{name} needs a '#: ...' comment where it is defined"
 
