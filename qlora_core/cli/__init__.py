@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         module = importlib.import_module(f"qlora_core.cli.commands.{name}")
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         _add_trace_option(command)
         command.set_defaults(handler=module.main)
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trace_plugins:
         os.environ[TRACE_ENV] = "1"  # read where each run's plugins are registered
-    if args.command != "plugins":
+    if args.command not in ("plugins", "new-plugin"):  # these two import none of the libraries it quiets
         quiet_third_party_noise()
     try:
         return args.handler(args)

@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "alpaca-format",
     "chat-format",
     "rich-progress",
+    "loss-plot",
     "adapter-export",
     "fused-lora",
     "compile-layers",

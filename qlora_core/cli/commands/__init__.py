@@ -4,5 +4,6 @@ A command module has ``HELP`` (one line), ``add_arguments(parser)`` and ``main(a
 nothing heavy at module level so that ``qlora --help`` stays fast.
 """
 
-#: Module names under ``qlora_core.cli.commands``, in the order ``qlora --help`` lists them.
-COMMANDS = ("run", "eval", "generate", "merge", "plan", "bench", "plugins")
+#: Module names under ``qlora_core.cli.commands``, in the order ``qlora --help`` lists them; the command is the
+#: module's name with ``-`` for ``_`` (``new_plugin``: ``qlora new-plugin``).
+COMMANDS = ("run", "eval", "generate", "merge", "plan", "bench", "plugins", "new_plugin")
