@@ -14,6 +14,16 @@ def quiet_third_party_noise() -> None:
     # bitsandbytes on CPU: "Failed to load CPU gemm_4bit_forward from kernels-community" (a hub download
     # it cannot make offline; its built-in kernel is used instead).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # PEFT imports torchao wherever it is installed (qlora-torchao brings it), in every run: torchao says it
+    # cannot load its CUDA/CPU extension .so files (its pure-Python paths serve), and torch's pytree says its
+    # enums are now supported natively.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+    class _NotEnumNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+    logging.getLogger("torch.utils._pytree").addFilter(_NotEnumNotice())
     # PEFT still calls the name transformers 5.2x deprecated.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*deprecated", category=DeprecationWarning)
