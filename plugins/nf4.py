@@ -5,13 +5,24 @@ Reads the ``quant.*`` keys (the seed guide's ``BitsAndBytesConfig`` arguments) a
 the compute dtype. ``quant.fp32_upcast: true`` runs PEFT's ``prepare_model_for_kbit_training`` instead, as the
 guide does: it upcasts those weights to fp32, which on the H200 cost 2.2x the step time and 6 GiB more at the
 Llama-3-8B shape (``qlora bench``) and breaks FSDP's flattening of mixed dtypes.
+
+``quant.skip_modules`` keeps chosen linear layers out of 4 bits: they load as plain ``nn.Linear`` in the compute
+dtype, frozen like every base weight, and get adapters when targeted. A name matches a linear layer when its
+dotted parts appear, whole and in order, among the layer's (:func:`skip_matches`): ``down_proj`` and
+``mlp.down_proj`` name every layer's MLP down projection, ``model.layers.0.mlp.down_proj`` one of them,
+``model.layers.0`` or ``layers.0`` every linear layer of the first decoder layer (not of ``layers.10``); ``proj``
+matches nothing (a part is matched whole). The names are resolved before the load against the model built on the
+meta device (:func:`qlora_load_base_model`), and transformers gets the matching layers' full names together with
+the modules it keeps out of 4 bits by default (the output head, tied weights), which a list of its own would
+otherwise replace. A name matching no linear layer is a config error; after the load every matching layer is
+checked to be unquantized (a loader that quantizes every layer, such as ``qlora bench``'s, is an error).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qlora_core import hookimpl
+from qlora_core import ConfigError, hookimpl
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +35,7 @@ def qlora_quantization_config(config, compute_dtype) -> dict[str, Any]:
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip_patterns(config)  # an empty name is an error before anything is loaded
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
@@ -31,8 +43,116 @@ def qlora_quantization_config(config, compute_dtype) -> dict[str, Any]:
             bnb_4bit_use_double_quant=config["quant.bnb_4bit_use_double_quant"],
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=getattr(torch, config["quant.bnb_4bit_quant_storage"]),
+            # None keeps transformers' default skips (the output head, tied weights); quant.skip_modules's
+            # layers are added to them in qlora_load_base_model, once the model's module names are known.
+            llm_int8_skip_modules=None,
         )
     }
+
+
+def skip_patterns(config) -> list[str]:
+    """``quant.skip_modules``, each name without surrounding spaces and dots; an empty name is a
+    :class:`ConfigError`."""
+    patterns = [p.strip().strip(".") for p in config.get("quant.skip_modules") or []]
+    if any(not p for p in patterns):
+        raise ConfigError(["quant.skip_modules: an empty name; give module names such as down_proj or "
+                           "model.layers.0.mlp.down_proj"])
+    return patterns
+
+
+def skip_matches(name: str, pattern: str) -> bool:
+    """Whether ``quant.skip_modules``'s ``pattern`` names the module ``name``: the pattern's dotted parts appear,
+    whole and in order, among the name's (``layers.0`` matches ``model.layers.0.mlp.down_proj``, not
+    ``model.layers.10.mlp.down_proj``; ``proj`` matches neither)."""
+    return f".{pattern}." in f".{name}."
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    # bitsandbytes' 4- and 8-bit layers subclass nn.Linear; GPT-2-style Conv1D layers are quantized too.
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def skipped_linears(model, patterns: list[str], model_name: str) -> list[str]:
+    """The qualified names of ``model``'s linear layers that ``patterns`` match, in the model's order. Patterns
+    that match none are a :class:`ConfigError` naming them all."""
+    linears = [name for name, module in model.named_modules() if _is_linear(module)]
+    missing = [p for p in patterns if not any(skip_matches(name, p) for name in linears)]
+    if missing:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        example = next((n for n, m in model.named_modules() if _is_linear(m) and m is not head), None)
+        hint = f"; e.g. {example} or {example.rsplit('.', 1)[-1]}" if example else ""
+        raise ConfigError([f"quant.skip_modules: {', '.join(map(repr, missing))} "
+                           f"match{'es' if len(missing) == 1 else ''} no linear layer of {model_name}{hint}"])
+    return [name for name in linears if any(skip_matches(name, p) for p in patterns)]
+
+
+def default_skips(model) -> set[str]:
+    """The modules transformers keeps out of 4 bits when given no list of its own: its
+    ``get_keys_to_not_convert`` (the output head, tied weights, the last module), and the output head by name
+    where that function is not found."""
+    keys: set[str] = set()
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # transformers 4.x
+        try:
+            from transformers.integrations import get_keys_to_not_convert
+        except ImportError:
+            get_keys_to_not_convert = None
+    if get_keys_to_not_convert is not None:
+        keys.update(get_keys_to_not_convert(model))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        keys.update(name for name, module in model.named_modules() if module is head)
+    return keys
+
+
+def _meta_model(name_or_path: str, kwargs: dict[str, Any]):
+    """The model of ``name_or_path``'s config on the meta device: its module names, no weights."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = bool(kwargs.get("trust_remote_code", False))
+    hf_config = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision"), trust_remote_code=remote)
+    with init_empty_weights(include_buffers=True), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=remote)
+
+
+@hookimpl(tryfirst=True)
+def qlora_load_base_model(name_or_path, kwargs, config):
+    """Resolve ``quant.skip_modules`` against the model's module names before the weights are read, and hand
+    transformers the matching layers' full names with its default skips; the model itself is loaded by the next
+    implementation or by transformers (this one returns ``None``)."""
+    quant = kwargs.get("quantization_config")
+    patterns = skip_patterns(config)
+    if not patterns or not getattr(quant, "load_in_4bit", False) or not hasattr(quant, "llm_int8_skip_modules"):
+        return None
+    meta = _meta_model(name_or_path, kwargs)
+    names = skipped_linears(meta, patterns, config["model.name_or_path"])
+    # Full names match themselves alone under transformers' rule (4.x: equal names; 5.x: a prefix up to a dot or
+    # a suffix), and a list replaces transformers' defaults: they are added back.
+    quant.llm_int8_skip_modules = sorted(set(names) | default_skips(meta))
+    del meta
+    return None
+
+
+def check_skipped(model, config) -> None:
+    """Every linear layer ``quant.skip_modules`` names, and the output head, is unquantized in the loaded model;
+    a :class:`ConfigError` names the first that is not."""
+    patterns = skip_patterns(config)
+    if not patterns:
+        return
+    names = skipped_linears(model, patterns, config["model.name_or_path"])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [n for n, m in model.named_modules() if head is not None and m is head]
+    for name in [*names, *heads]:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if type(weight).__name__ in ("Params4bit", "Int8Params") or getattr(weight, "quant_state", None) is not None:
+            raise ConfigError([f"quant.skip_modules: {name} was loaded in 4 bits: what built the base model (a "
+                               f"qlora_load_base_model plugin such as random-weights, or qlora bench) does not "
+                               f"keep quant.skip_modules unquantized"])
 
 
 def _quantized(model) -> bool:
@@ -48,11 +168,13 @@ def qlora_model_loaded(model, config, for_training) -> None:
     # stop gradients at every 4-bit layer. Training needs the differentiable layout, and a model loaded
     # for evaluation, generation or merging the numerics the run's own evaluations ran in.
     use_float32_kernels(model)
+    check_skipped(model, config)
     if not for_training:
         import torch
 
         # As PEFT's k-bit preparation does for training: the parameters that are not quantized (norms,
-        # embeddings, head) in float32. A no-op when the compute dtype is float32 (CPU).
+        # embeddings, head, quant.skip_modules's layers) in float32. A no-op when the compute dtype is float32
+        # (CPU).
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
                 param.data = param.data.to(torch.float32)

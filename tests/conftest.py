@@ -18,6 +18,17 @@ from qlora_core.testing import labelled_runs, write_jsonl  # noqa: F401  (tests 
 
 torch.set_num_threads(1)
 
+# Interrupts the run (as Ctrl-C would) after the step given in the environment, if any.
+INTERRUPTER = """
+import os
+from qlora_core import hookimpl
+
+@hookimpl
+def qlora_on_step_end(run, metrics):
+    if str(metrics["step"]) == os.environ.get("QLORA_TEST_INTERRUPT_AT"):
+        raise KeyboardInterrupt
+"""
+
 # The fixtures every plugin author gets (qlora_core.testing, a pytest plugin through the pytest11 entry point),
 # under the names this suite has long used.
 

@@ -65,6 +65,9 @@ def qlora_configure(config, device) -> None:
     if config["quant.bnb_4bit_quant_storage"] != "uint8":
         problems.append(f"quant.bnb_4bit_quant_storage: {config['quant.bnb_4bit_quant_storage']!r} is not "
                         f"available with the {PLUGIN} plugin (torchao packs NF4 in uint8); set it to uint8")
+    if "quant.skip_modules" in config and config["quant.skip_modules"]:
+        problems.append(f"quant.skip_modules is not available with the {PLUGIN} plugin, which quantizes every "
+                        f"linear layer but the output head; drop it or use the nf4 plugin (bitsandbytes)")
     # The gradient-checkpointing plugin's lean recomputation hands the frozen weight to a custom op of its own,
     # which a tensor subclass such as NF4Tensor cannot pass through: the layers are recomputed in full instead.
     lean = "train.lean_recompute"

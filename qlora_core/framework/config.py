@@ -151,6 +151,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("quant.fp32_upcast", "bool", False,
            "upcast every non-4-bit weight (embeddings, head, norms) to fp32 as PEFT's prepare_model_for_kbit_training "
            "does (the guide's recipe; more memory, slower, no better training measured)"),
+    Option("quant.skip_modules", "str_list", [],
+           "linear layers kept out of 4 bits, in the compute dtype: module names or dotted parts of them "
+           "(model.layers.0.mlp.down_proj, down_proj, model.layers.0); the output head always is"),
     # LoRA
     Option("lora.r", "int", 16, "LoRA rank", exclusive_minimum=0),
     Option("lora.lora_alpha", "float", 32.0, "LoRA scaling numerator (the guide: 2 x r)", exclusive_minimum=0),

@@ -32,13 +32,18 @@ vocabulary ``V``, ``a`` bytes of the compute dtype (2 for bf16), ``s`` bytes of 
 
 Static, sharded by FSDP (divided by ``N``):
 
-* **4-bit linear weights**: every ``nn.Linear`` but the output head, at 0.5 byte/param.
+* **4-bit linear weights**: every ``nn.Linear`` but the output head and the layers ``quant.skip_modules`` names,
+  at 0.5 byte/param.
 * **quantization constants**: blockwise absmax, block size 64. Plain: one fp32 per block = 32/64 = 0.5
   bits/param. Double quantization (``bnb_4bit_use_double_quant``) stores them as 8 bits with one fp32 per 256
   blocks: 8/64 + 32/(64 x 256) = 0.127 bits/param (the QLoRA paper's figure).
 * **non-quantized weights** (embeddings, output head, norms, biases): fp32, because PEFT's
   ``prepare_model_for_kbit_training`` (which the ``nf4`` plugin runs) upcasts every non-4-bit parameter to
-  fp32; in the compute dtype when the model is not loaded in 4 bits. Tied embeddings count once.
+  fp32; in the compute dtype when the model is not loaded in 4 bits. Tied embeddings count once. The linear
+  layers of ``quant.skip_modules`` count here too: ``a`` bytes/param (fp32 with the upcast), no quantization
+  constants, and not dequantized for their matmul; frozen, they keep no activation for backward (a frozen
+  ``nn.Linear`` saves only its weight), so the activation terms do not change (with the fp32 upcast, autocast's
+  bf16 copy of such a weight, kept for backward while its layer's activations are, is not counted).
 * **LoRA weights** (fp32, ``r x (in + out)`` per adapted linear), their **gradients** (fp32) and the
   **optimizer states**: paged AdamW 8-bit keeps two 1-byte states per parameter (2 bytes/param), 32-bit AdamW
   two fp32 states (8 bytes/param). Paged states live in CUDA managed memory: they can be evicted to the CPU
@@ -119,7 +124,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora_core.framework.errors import UsageError
+from qlora_core.framework.errors import ConfigError, UsageError
 from qlora_core.loop.guidance import Recommendation, guidance_notes, guidance_warnings, recommend
 
 if TYPE_CHECKING:
@@ -159,6 +164,8 @@ class ModelShape:
     n_quantizable: int
     #: parameters of one decoder layer
     layer_params: int
+    #: qualified name of the decoder layers' ModuleList (``model.layers``), ``""`` when not found
+    layers_name: str = ""
 
     @property
     def q_dim(self) -> int:
@@ -225,9 +232,10 @@ def model_shape(hf_config: Any, model: Any) -> ModelShape:
         head = (head_module.in_features, head_module.out_features)
     n_layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0))
     layer = None
-    for _, module in model.named_modules():
+    layers_name = ""
+    for list_name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and n_layers > 0:
-            layer = module[0]
+            layer, layers_name = module[0], list_name
             break
     layer_linears = []
     layer_params = 0
@@ -256,13 +264,27 @@ def model_shape(hf_config: Any, model: Any) -> ModelShape:
         gated_mlp=gated, attn_implementation=str(attn), use_cache=bool(getattr(cfg, "use_cache", False)),
         supports_checkpointing=bool(getattr(model, "supports_gradient_checkpointing", False)),
         linears=linears, head=head, layer_linears=layer_linears, n_bias=n_bias,
-        n_quantizable=sum(i * o for _, i, o, _ in linears), layer_params=layer_params,
+        n_quantizable=sum(i * o for _, i, o, _ in linears), layer_params=layer_params, layers_name=layers_name,
     )
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
     """PEFT's rule for a list of ``target_modules``: the module's name equals a target or ends in ``.target``."""
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def skip_matches(name: str, pattern: str) -> bool:
+    """The ``nf4`` plugin's rule for ``quant.skip_modules``: ``pattern``'s dotted parts appear, whole and in order,
+    among ``name``'s (``layers.0`` matches ``model.layers.0.mlp.down_proj``, not ``model.layers.10.mlp.down_proj``;
+    ``proj`` matches neither)."""
+    pattern = pattern.strip().strip(".")
+    return bool(pattern) and f".{pattern}." in f".{name}."
+
+
+def skipped_linears(shape: ModelShape, patterns: Sequence[str]) -> list[tuple[str, int, int, bool]]:
+    """The linear layers (output head excluded: it is never in 4 bits) that ``quant.skip_modules`` keeps out of
+    4 bits."""
+    return [lin for lin in shape.linears if any(skip_matches(lin[0], p) for p in patterns)]
 
 
 def lora_modules(shape: ModelShape, targets: str | Sequence[str]) -> list[tuple[str, int, int, bool]]:
@@ -377,6 +399,9 @@ class PlanSettings:
     compute_dtype: str
     #: the non-quantized weights upcast to fp32, and so the residual stream in fp32 (``quant.fp32_upcast``)
     upcast: bool = False
+    #: names of linear layers kept out of 4 bits, in the compute dtype (``quant.skip_modules``; matched by
+    #: :func:`skip_matches`); empty when the model is not loaded in 4 bits
+    skip_modules: list[str] = field(default_factory=list)
     #: the optimizer plugin's name, and the bytes of optimizer state it keeps per trainable parameter
     optimizer: str = "unknown"
     optimizer_bytes: int = 8
@@ -451,12 +476,15 @@ def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Se
     h, i, L, V = shape.hidden_size, shape.intermediate_size, shape.n_layers, shape.vocab_size
     T = settings.batch * settings.seq
 
-    n_quant = shape.n_quantizable if settings.load_in_4bit else 0
+    skipped = skipped_linears(shape, settings.skip_modules) if settings.load_in_4bit else []
+    skipped_names = {name for name, *_ in skipped}
+    n_skipped = sum(li * lo for _, li, lo, _ in skipped)
+    n_quant = shape.n_quantizable - n_skipped if settings.load_in_4bit else 0
     n_other = shape.n_params - n_quant
     quantized = n_quant * 0.5
     const_bits = (8 / 64 + 32 / (64 * 256)) if settings.double_quant else 32 / 64
     # plus each layer's 16-entry fp32 4-bit code (and, with double quant, the 256-entry absmax code + offset)
-    n_quant_layers = len(shape.linears) if settings.load_in_4bit else 0
+    n_quant_layers = len(shape.linears) - len(skipped) if settings.load_in_4bit else 0
     constants = n_quant * const_bits / 8 + n_quant_layers * (64 + (1028 if settings.double_quant else 0))
     other_bytes = 4 if settings.upcast else a
     other = n_other * other_bytes
@@ -477,7 +505,8 @@ def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Se
         loss = LOSS_BYTES_PER_LOGIT[settings.loss] * T * V
     backward_grads = T * 2 * s * (h + i)
     detail = {"tokens_per_micro_batch": T, "layer_bytes_per_token": per_layer, "logits_loss_bytes": loss,
-              "head_cast_bytes": head_cast, "final_bytes": final}
+              "head_cast_bytes": head_cast, "final_bytes": final, "skipped_layers": len(skipped),
+              "skipped_params": n_skipped, "skipped_weight_bytes": n_skipped * other_bytes / n}
     if checkpointing:
         # offloaded: two layers' inputs on the GPU at a time (one being copied out, or prefetched back)
         stored = (min(L, 2) if settings.offload else L) * T * h * s + final
@@ -493,14 +522,19 @@ def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Se
         working = max(loss_side, backward_grads)
         kind = "logits and loss" if loss_side >= backward_grads else "backward gradients"
         detail.update(layers_bytes=L * T * per_layer, kv_cache_bytes=cache)
-    largest = max((li * lo for _, li, lo, _ in shape.linears), default=0) if settings.load_in_4bit else 0
+    largest = max((li * lo for name, li, lo, _ in shape.linears if name not in skipped_names),
+                  default=0) if settings.load_in_4bit else 0
     transients = a * largest + WORKSPACE_BYTES
     if n > 1:
         # FSDP gathers the root unit (embeddings, head, final norm) for the whole step, and a decoder layer
         # (plus the prefetched next one) at a time.
         layer_quant = _layer_quantizable(shape, settings)
-        layer_weights = layer_quant * (0.5 + const_bits / 8) + (shape.layer_params - layer_quant) * other_bytes
-        root = max(0.0, other - L * (shape.layer_params - layer_quant) * other_bytes)
+        # the skipped parameters of each decoder layer: the largest layer is the one gathered
+        per_layer_skip = _skipped_per_layer(shape, skipped)
+        layer_skip = max(per_layer_skip.values(), default=0)
+        layer_weights = ((layer_quant - layer_skip) * (0.5 + const_bits / 8)
+                         + (shape.layer_params - layer_quant + layer_skip) * other_bytes)
+        root = max(0.0, other - (L * (shape.layer_params - layer_quant) + sum(per_layer_skip.values())) * other_bytes)
         transients += root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n)
         detail.update(fsdp_gathered_bytes=root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n))
     return MemoryEstimate(
@@ -511,10 +545,48 @@ def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Se
     )
 
 
+def _skipped_per_layer(shape: ModelShape, skipped: Sequence[tuple[str, int, int, bool]]) -> dict[str, int]:
+    """The skipped linear parameters of each decoder layer (by its index), those outside the layers left out."""
+    out: dict[str, int] = {}
+    prefix = shape.layers_name + "." if shape.layers_name else None
+    for name, li, lo, _ in skipped:
+        if prefix is not None and name.startswith(prefix):
+            index = name[len(prefix):].split(".", 1)[0]
+            out[index] = out.get(index, 0) + li * lo
+    return out
+
+
 def _layer_quantizable(shape: ModelShape, settings: PlanSettings) -> int:
     if not settings.load_in_4bit:
         return 0
     return sum(i * o for _, i, o in shape.layer_linears)
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, or in MiB below a tenth of a GiB."""
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 2 ** 20:.2f} MiB"
+
+
+def _check_skip_modules(model: Any, patterns: Sequence[str], model_name: str) -> None:
+    """A ``quant.skip_modules`` name that matches no linear layer of the (meta-device) model is the config
+    error ``qlora run`` would stop with."""
+    import torch
+
+    if not patterns:
+        return
+    if any(not p.strip().strip(".") for p in patterns):
+        raise ConfigError(["quant.skip_modules: an empty name; give module names such as down_proj or "
+                           "model.layers.0.mlp.down_proj"])
+    modules = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    linears = [n for n, _ in modules]
+    missing = [p for p in patterns if not any(skip_matches(n, p) for n in linears)]
+    if missing:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        example = next((n for n, m in modules if m is not head), None)
+        hint = f"; e.g. {example} or {example.rsplit('.', 1)[-1]}" if example else ""
+        raise ConfigError([f"quant.skip_modules: {', '.join(map(repr, missing))} "
+                           f"match{'es' if len(missing) == 1 else ''} no linear layer of {model_name}{hint}"])
 
 
 # --------------------------------------------------------------------------- the plan
@@ -582,6 +654,7 @@ def _settings(config: Config, plugins: PluginSet, gpus: int, loss: str, upcast: 
         gpus=gpus, load_in_4bit=quantized, double_quant=bool(config["quant.bnb_4bit_use_double_quant"]),
         quant_type=config["quant.bnb_4bit_quant_type"], compute_dtype=compute,
         upcast=bool(config["quant.fp32_upcast"]) and quantized, loss=loss,
+        skip_modules=list(config.get("quant.skip_modules") or []) if quantized else [],
     )
     plugins.hook.qlora_plan_settings(settings=settings, config=config)
     if upcast is not None:  # the caller's word overrides the config's and the plugins'
@@ -640,6 +713,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
     hf_config, meta = load_meta_model(str(path), cfg["model.revision"], cfg["model.trust_remote_code"])
     shape = model_shape(hf_config, meta)
     settings, notes = _settings(cfg, plugin_set, gpus, loss, upcast, shape.supports_checkpointing)
+    _check_skip_modules(meta, settings.skip_modules, str(name))
     targets = plugin_set.hook.qlora_adapter_targets(model=meta, config=cfg) or cfg["lora.target_modules"]
     adapted = lora_modules(shape, targets)
     trainable = sum(settings.r * (i + o) for _, i, o, _ in adapted)
@@ -661,6 +735,16 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         notes.append(f"{gpus} GPUs: the estimate is FSDP's (the guide's recipe, adapters sharded too); qlora run "
                      f"shards the model with --plugin fsdp --nproc-per-node {gpus} (without it, DDP keeps a whole "
                      f"model on each GPU)")
+    skipped = skipped_linears(shape, settings.skip_modules)
+    if skipped:
+        from dataclasses import replace
+
+        in_4bit = estimate_memory(shape, replace(settings, skip_modules=[]), targets, True, trainable)
+        dtype = "float32 (fp32 upcast)" if settings.upcast else settings.compute_dtype
+        notes.append(f"quant.skip_modules: {len(skipped)} linear layers ({with_ckpt.detail['skipped_params']:,.0f} "
+                     f"parameters) kept in {dtype}, not 4 bits: {_size(with_ckpt.detail['skipped_weight_bytes'])} "
+                     f"of weights{' per GPU' if gpus > 1 else ''}, "
+                     f"{_size(with_ckpt.static - in_4bit.static)} more than in 4 bits")
     if gpus > 1 and settings.upcast:
         notes.append("under FSDP, PEFT's fp32 upcast of the non-quantized weights has been measured to break FSDP's "
                      "flattening (mixed bf16/fp32); the estimate assumes it is applied as on one GPU "
