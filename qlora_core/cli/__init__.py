@@ -1,6 +1,8 @@
 """The ``qlora`` command line: a thin layer over the Python API (:class:`qlora_core.Job`) and :mod:`qlora_core.framework.plugins`.
 
-User errors print one ``error:`` line on stderr and exit with code 2.
+User errors print one ``error:`` line on stderr and exit with code 2; so does a plugin that raises in one of its
+hooks (the line names the plugin, the hook and the plugin's line that raised). Anything else is a bug of
+qlora's and ends with its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from qlora_core.framework.plugins import TRACE_ENV, __version__
+from qlora_core.framework.plugins import TRACE_ENV, __version__, hook_failure
 from qlora_core.cli.commands import COMMANDS
 from qlora_core.framework.errors import PluginError, UsageError
 from qlora_core.framework.noise import quiet_third_party_noise
@@ -64,28 +66,52 @@ def add_plugin_commands(sub) -> None:
     pm.hook.qlora_register_commands(register=register)
 
 
+def _quiet_hub_retries() -> None:
+    """huggingface_hub logs each retry of a request it cannot make (``'[Errno -2] Name or service not known'
+    thrown while requesting HEAD ...``, ``Retrying in 1s [Retry 1/5].``): six lines before an offline hub id's
+    one ``error:`` line, which says it could not connect."""
+    import logging
+
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
+
+
+def _error(message: object) -> int:
+    text = " ".join(str(message).split("\n")).strip()  # one line, whatever the message holds
+    print(f"error: {text}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
     except PluginError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(e)
+    except Exception as e:  # a plugin's qlora_register_commands
+        failure = hook_failure(e)
+        if failure is None:
+            raise
+        return _error(failure.message(e))
     args = parser.parse_args(argv)
     if args.trace_plugins:
         os.environ[TRACE_ENV] = "1"  # read where each run's plugins are registered
     if args.command not in ("plugins", "new-plugin"):  # these two import none of the libraries it quiets
         quiet_third_party_noise()
+        _quiet_hub_retries()
     try:
         return args.handler(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(e)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `qlora plugins --json | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        failure = hook_failure(e)
+        if failure is None:
+            raise
+        return _error(failure.message(e))
 
 
 def entry() -> None:

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import pluggy
 
 from qlora_core import hookspecs
-from qlora_core.framework.errors import PluginError
+from qlora_core.framework.errors import PluginError, UsageError
 
 #: The installed qlora's version.
 __version__ = "0.1.0"
@@ -100,7 +100,8 @@ def _module_distribution(module_name: str) -> tuple[str | None, str | None]:
 
 def _import_failure(name: str, exc: BaseException) -> PluginError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return PluginError(f'cannot import plugin "{name}": {type(exc).__name__}: {reason}')
+    fix = "install what it imports" if isinstance(exc, ImportError) else "fix the plugin"
+    return PluginError(f'cannot import plugin "{name}": {type(exc).__name__}: {reason}; {fix}, or run without it')
 
 
 def _instance(name: str, obj: Any) -> Any:
@@ -132,7 +133,8 @@ def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> Plugi
     if name.endswith(".py") or "/" in name or "\\" in name:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise PluginError(f"plugin file {name!r} not found")
+            raise PluginError(f"plugin file {name!r} not found; check the path (--plugin takes an installed "
+                              f"plugin's name, a module path or a .py file)")
         mod_name = f"qlora_file_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         assert spec is not None and spec.loader is not None
@@ -161,7 +163,8 @@ def load_plugin(name: str, eps: dict[str, md.EntryPoint] | None = None) -> Plugi
         try:
             obj = getattr(module, attr)
         except AttributeError:
-            raise PluginError(f"plugin {name!r}: module {module_name} has no attribute {attr!r}") from None
+            raise PluginError(f"plugin {name!r}: module {module_name} has no attribute {attr!r}; check the name "
+                              f"after the colon") from None
     dist, version = _module_distribution(module_name)
     return PluginInfo(name, _instance(name, obj), "module", dist, version)
 
@@ -213,6 +216,8 @@ class PluginSet:
             ) from None
         for info in self.infos:
             info.hooks = [h.name for h in self.pm.get_hookcallers(info.plugin) or []]
+        defaults = {i.name for i in self.infos if i.default}
+        guard_hook_calls(self.pm, lambda name: f"--plugin no:{name}" if name in defaults else None)
         if tracing():
             trace_hook_calls(self.pm)
 
@@ -232,6 +237,92 @@ class PluginSet:
     def dump(self, path: Path) -> None:
         """Write the plugins with their versions, as ``plugins.json`` in runs and checkpoints."""
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+#: The attribute :func:`guard_hook_calls` sets on an exception a hook implementation raised.
+_FAILURE_ATTR = "_qlora_plugin_failure"
+
+
+@dataclass(frozen=True)
+class HookFailure:
+    """Where an exception came from: the plugin, its hook, and the line of the plugin's file that raised it.
+
+    :ivar turn_off: the option that leaves the plugin out of a run (``--plugin no:NAME`` for a default), if any.
+    """
+
+    plugin: str
+    hook: str
+    where: str | None = None
+    turn_off: str | None = None
+
+    def message(self, error: BaseException) -> str:
+        """One line: ``plugin 'NAME' failed in HOOK (file.py line N): Type: reason; how to go on``."""
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+        where = f" ({self.where})" if self.where else ""
+        leave = f"turn it off with {self.turn_off}" if self.turn_off else "run without it"
+        return (f"plugin {self.plugin!r} failed in {self.hook}{where}: {reason}; a bug in the plugin: fix or "
+                f"report it, or {leave}")
+
+
+def hook_failure(error: BaseException) -> HookFailure | None:
+    """The plugin hook an exception was raised in (:func:`guard_hook_calls`), or ``None``."""
+    return getattr(error, _FAILURE_ATTR, None)
+
+
+def _raising_line(error: BaseException, function: Any) -> str | None:
+    """``file.py line N``: the innermost line of ``function``'s file in the exception's traceback."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None:
+        return None
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == code.co_filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{Path(code.co_filename).name} line {line}" if line is not None else None
+
+
+def guard_hook_calls(pm: pluggy.PluginManager, turn_off: Any = None) -> None:
+    """Mark each exception a hook implementation raises with the plugin and the hook (:func:`hook_failure`),
+    and let it go on unchanged, so that the core still handles what it expects (running out of GPU memory in a
+    step); the command line reports the rest as the plugin's failure, in one line. :class:`UsageError` (a
+    plugin reporting the user's mistake), memory errors and what is not an ``Exception`` (Ctrl-C) are left
+    unmarked; an exception already marked by a hook called further in keeps that mark.
+
+    :param turn_off: ``turn_off(plugin_name)``: the option that leaves the plugin out, or ``None``.
+    """
+    def guarded(hook_name: str, plugin_name: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except UsageError:
+                raise
+            except Exception as e:
+                if hook_failure(e) is None and not _out_of_memory(e):
+                    failure = HookFailure(plugin_name, hook_name, _raising_line(e, function),
+                                          turn_off(plugin_name) if turn_off else None)
+                    try:
+                        setattr(e, _FAILURE_ATTR, failure)
+                    except (AttributeError, TypeError):  # an exception type that takes no attributes
+                        pass
+                raise
+
+        call._qlora_guarded = True  # type: ignore[attr-defined]
+        return call
+
+    for hook_name in dir(pm.hook):
+        if not hook_name.startswith("qlora_"):
+            continue
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper or getattr(impl.function, "_qlora_guarded", False):
+                continue
+            impl.function = guarded(hook_name, impl.plugin_name, impl.function)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
 
 
 #: Set to 1 (``qlora --trace-plugins`` does) to log every hook call with its plugin and duration.
@@ -423,4 +514,5 @@ def installed_plugin_manager() -> pluggy.PluginManager:
             pm.register(obj, name=name)
         except (ValueError, pluggy.PluginValidationError):
             continue
+    guard_hook_calls(pm)
     return pm

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
@@ -22,41 +24,208 @@ IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(path: str, split: str | None, streaming: bool = False) -> "datasets.DatasetDict | datasets.Dataset":
+def load_rows(path: str, split: str | None, streaming: bool = False,
+              key: str = "data.path") -> "datasets.DatasetDict | datasets.Dataset":
     """Load a local json/jsonl/csv/parquet file or folder, or a hub dataset id, with ``datasets``.
+
+    Data that cannot serve is a :class:`UsageError` naming ``key``, the file and, where it is known, the line,
+    and how to fix it: a missing path, an empty file, a line that is not valid JSON (or not an object), bytes
+    that are not UTF-8, a split without rows. The ``datasets`` library's own log lines about a failure are kept
+    off the terminal.
 
     :param split: the split to return, or ``None`` for every split (a ``DatasetDict``).
     :param streaming: read rows lazily instead of preparing the whole dataset (to peek at a few rows).
+    :param key: the config key ``path`` comes from, for messages (``data.eval_path``).
     """
     import datasets
 
     datasets.disable_progress_bars()
     p = Path(path).expanduser()
+    if p.is_file():
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise UsageError(f"data file {path!r} ({key}) has an unknown type; use .json, .jsonl, .csv or "
+                             f".parquet (rename it if it holds one of them)")
+    elif not p.is_dir() and _looks_local(path):
+        raise UsageError(f"data path {path!r} does not exist ({key}); check the path, or point {key} at a json, "
+                         f"jsonl, csv or parquet file or folder")
     try:
-        if p.is_file():
-            builder = _BUILDERS.get(p.suffix.lower())
-            if builder is None:
-                raise UsageError(
-                    f"data file {path!r} has an unknown type; use .json, .jsonl, .csv or .parquet")
-            # A single file is one split, named "train" by datasets.
-            loaded = datasets.load_dataset(builder, data_files={"train": str(p)}, streaming=streaming)
-        elif p.is_dir():
-            loaded = datasets.load_dataset(str(p), streaming=streaming)
-        elif os.sep in path or path.startswith(".") or Path(path).suffix.lower() in _BUILDERS:
-            raise UsageError(f"data path {path!r} does not exist")
-        else:
-            loaded = datasets.load_dataset(path, streaming=streaming)
-    except UsageError:
-        raise
-    except Exception as e:  # datasets raises many kinds; the user needs the path and the reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load dataset {path!r}: {reason}") from None
+        with _quiet_datasets():
+            if p.is_file():
+                # A single file is one split, named "train" by datasets.
+                loaded = datasets.load_dataset(builder, data_files={"train": str(p)}, streaming=streaming)
+            elif p.is_dir():
+                loaded = datasets.load_dataset(str(p), streaming=streaming)
+            else:
+                loaded = datasets.load_dataset(path, streaming=streaming)
+    except Exception as e:  # datasets raises many kinds; the user needs the file, the line and the reason
+        raise UsageError(_load_failure(path, p, key, e)) from None
+    if not streaming:
+        _check_loaded(loaded, path, p, key)
     if split is None:
         return loaded
     if split not in loaded:
         raise UsageError(
             f"dataset {path!r} has no split {split!r}; it has: {', '.join(loaded)} (set data.split)")
     return loaded[split]
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a data path that does not exist is meant as a local file or folder, not a hub dataset id
+    (``name`` or ``owner/name``)."""
+    if path.startswith((".", "/", "~")) or Path(path).suffix.lower() in _BUILDERS:
+        return True
+    return (os.sep != "/" and os.sep in path) or path.count("/") > 1
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Keep the ``datasets`` library's log lines (``Failed to load JSON from file ...``) off the terminal while
+    it loads: its failures are reported as one line of ours."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+#: What a data file of each type holds, for messages.
+_LAYOUT = {".jsonl": "one JSON object a line", ".json": "a JSON list of objects, or one object a line",
+           ".csv": "a header line, then one row a line", ".parquet": "a parquet table"}
+
+
+def _data_files(p: Path) -> list[Path]:
+    """The data files a local data path loads: the file, or a folder's json/jsonl/csv/parquet files."""
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        return []
+    return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _BUILDERS
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message; below datasets' ``An error occurred while generating the
+    dataset``, the message of the exception it wraps."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if text and text != "An error occurred while generating the dataset":
+            return text.splitlines()[0].rstrip(".")
+        current = current.__cause__ or current.__context__
+    return type(e).__name__
+
+
+def _load_failure(path: str, p: Path, key: str, e: BaseException) -> str:
+    """The message for data that ``datasets`` failed to load: the first problem found in its files, else the
+    library's reason."""
+    if p.is_file() or p.is_dir():
+        files = _data_files(p)
+        if p.is_dir() and not files:
+            return (f"{key}: folder {path!r} holds no .json, .jsonl, .csv or .parquet file; put the data files in "
+                    f"it, or point {key} at a file")
+        for f in files:
+            problem = _file_problem(f, key)
+            if problem:
+                return f"{key}: {problem}"
+        if "corresponds to no data" in str(e):  # datasets' words for a split without rows (a csv header only)
+            return f"{key}: dataset {path!r} has no rows; put the examples in it, or point {key} at other data"
+        layout = _LAYOUT.get(p.suffix.lower()) if p.is_file() else None
+        return (f"{key}: could not load dataset {path!r}: {_reason(e)}; check that it holds "
+                f"{layout or 'json, jsonl, csv or parquet files'}")
+    return (f"{key}: {path!r} is no local file or folder, and the hub dataset of that name could not be loaded: "
+            f"{_reason(e)}; check the name (or the path), or download the dataset and point {key} at its files")
+
+
+def _file_problem(f: Path, key: str) -> str | None:
+    """What is wrong with one data file, naming it and the line where it can be told; ``None`` if nothing is
+    found (parquet files are only checked for being empty)."""
+    suffix = f.suffix.lower()
+    if suffix == ".parquet":
+        return f"{f} is empty; write the rows into it, or point {key} at another file" \
+            if f.stat().st_size == 0 else None
+    raw = f.read_bytes()
+    if not raw.strip():
+        return f"{f} is empty; put the examples in it ({_LAYOUT[suffix]}), or point {key} at another file"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return (f"{f} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}); save the "
+                f"file as UTF-8, or fix that line")
+    if suffix == ".csv":
+        return None
+    if suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # more than one value: JSON lines, checked line by line below
+                return (f"{f} line {e.lineno} is not valid JSON ({e.msg}: column {e.colno}); fix that line, or "
+                        f"point {key} at another file")
+        else:
+            items = doc if isinstance(doc, list) else None
+            for i, item in enumerate(items or []):
+                if not isinstance(item, dict):
+                    return (f"{f} item {i} of its list is {_json_kind(item)}, not an object of fields (such as "
+                            f'{{"text": ...}}); make every item an object')
+            return None
+    return _json_lines_problem(f, text, key)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _json_lines_problem(f: Path, text: str, key: str) -> str | None:
+    """The first line of a JSON-lines file that is not valid JSON, or not an object."""
+    for n, line in enumerate(text.split("\n"), 1):
+        body = line.strip()
+        if not body:
+            continue
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            column = e.colno + len(line) - len(line.lstrip())
+            return (f"{f} line {n} is not valid JSON ({e.msg}: column {column}); fix that line, or point {key} at "
+                    f"another file")
+        if not isinstance(obj, dict):
+            return (f'{f} line {n} is {_json_kind(obj)}, not an object of fields (such as {{"text": ...}}); make '
+                    f"every line one JSON object")
+    return None
+
+
+def _check_loaded(loaded: Any, path: str, p: Path, key: str) -> None:
+    """Refuse loaded data with an empty split, or with text that is not UTF-8 (pyarrow's json and csv readers
+    let such bytes through; they would fail only when a row is read)."""
+    import pyarrow as pa
+
+    for name, rows in loaded.items():
+        where = f" (split {name!r})" if len(loaded) > 1 else ""
+        if len(rows) == 0:
+            raise UsageError(f"{key}: dataset {path!r}{where} has no rows; put the examples in it, or point {key} "
+                             f"at other data")
+        try:
+            rows.data.table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            if "utf8" not in str(e).lower():
+                continue
+            found = next((problem for f in _data_files(p) if (problem := _file_problem(f, key))), None)
+            raise UsageError(f"{key}: {found}" if found else
+                             f"{key}: dataset {path!r}{where} holds text that is not UTF-8; save it as UTF-8") from None
 
 
 def choose_format(formats: Sequence[DatasetFormat], columns: Sequence[str], wanted: str | None,
@@ -67,23 +236,44 @@ def choose_format(formats: Sequence[DatasetFormat], columns: Sequence[str], want
         for f in formats:
             if f.name == wanted:
                 return _check_fields(f, columns)
-        raise UsageError(f"data.format {wanted!r} is not a known format; known: {known}")
+        raise UsageError(f"data.format {wanted!r} is not a known format; known: {known} (set data.format to one of "
+                         f"them, leave it unset to detect the format, or add the plugin that offers it)")
     if forced and len(formats) == 1:
         return _check_fields(formats[0], columns)
     for f in formats:
         if f.matches(columns):
             return f
     raise UsageError(
-        f"dataset fields {', '.join(columns) or '(none)'} fit no known format; known formats: {known}")
+        f"dataset fields {', '.join(columns) or '(none)'} fit no known format; known formats: {known}; rename the "
+        f"fields to one format's, or add a plugin with a format for them")
 
 
 def _check_fields(fmt: DatasetFormat, columns: Sequence[str]) -> DatasetFormat:
     # A format the user names only needs its fields; matches() is stricter, to keep detection unambiguous.
     missing = [name for name in fmt.fields if name not in columns]
     if missing:
-        raise UsageError(f"dataset has fields {', '.join(columns)} but format {fmt.name!r} needs "
-                         f"{', '.join(fmt.fields)} (missing: {', '.join(missing)})")
+        raise UsageError(f"dataset has fields {', '.join(columns) or '(none)'} but format {fmt.name!r} needs "
+                         f"{', '.join(fmt.fields)} (missing: {', '.join(missing)}); rename the fields, or choose the "
+                         f"format they fit with data.format")
     return fmt
+
+
+def row_problem(what: str, index: int, row: Any, fmt: DatasetFormat, error: Exception) -> str:
+    """The message for a row that a format cannot render: rows of two formats in one dataset (datasets gives a
+    row the fields it lacks as null), a field the format needs left without a value, or the format's reason."""
+    fields = tuple(getattr(fmt, "fields", ()))
+    values = dict(row) if isinstance(row, dict) else {}
+    absent = [name for name in fields if name in values and values[name] is None]
+    present = [name for name, value in values.items() if value is not None and name not in fields]
+    if absent and present:
+        return (f"{what} rows mix formats: row {index} has {', '.join(present)} but no {', '.join(absent)}, the "
+                f"fields of format {fmt.name!r} that the dataset's other rows give; put each format's rows in a file "
+                f"of its own and train on one (or convert the rows to one format)")
+    if absent:
+        return (f"{what} row {index} has no value for {', '.join(absent)} (null or missing), which format "
+                f"{fmt.name!r} needs; fill it in or drop the row")
+    return (f"{what} row {index} does not fit format {fmt.name!r}: {type(error).__name__}: {error}; fix the row, or "
+            f"choose the format it is in with data.format")
 
 
 @dataclass(frozen=True)
@@ -305,7 +495,7 @@ def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config
         except UsageError:
             raise
         except (KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"{what} row {i} does not fit format {fmt.name!r}: {type(e).__name__}: {e}") from None
+            raise UsageError(row_problem(what, i, row, fmt, e)) from None
         tok = tokenize_example(formatted, tokenizer, config["train.max_seq_length"], config["data.train_on_prompt"])
         if tok.num_target_tokens == 0:
             dropped += 1
@@ -336,7 +526,7 @@ def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str]) -> tu
     train_rows = splits[cfg["data.split"]]
     eval_rows, eval_split = None, None
     if cfg["data.eval_path"]:
-        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None)
+        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None, key="data.eval_path")
         split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
                                                None)
         if split not in eval_splits:
@@ -350,7 +540,8 @@ def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str]) -> tu
         eval_rows, eval_split = splits[cfg["data.eval_split"]], cfg["data.eval_split"]
     elif cfg["data.eval_fraction"] > 0:
         if len(train_rows) < 2:
-            raise UsageError("data.eval_fraction needs at least 2 training rows")
+            raise UsageError(f"data.eval_fraction needs at least 2 training rows ({cfg['data.path']!r} has "
+                             f"{len(train_rows)}); add rows, or set data.eval_fraction=0")
         parts = train_rows.train_test_split(test_size=cfg["data.eval_fraction"], seed=cfg["train.seed"])
         train_rows, eval_rows = parts["train"], parts["test"]
         eval_split = f"{cfg['data.split']} (held-out fraction {cfg['data.eval_fraction']:g})"

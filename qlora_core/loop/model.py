@@ -40,12 +40,24 @@ def parameter_count(model) -> int:
     return total
 
 
+def check_local_model(config: Config, model_path: str) -> None:
+    """Refuse a model named by a local path (``/...``, ``./...``, ``../...``, ``~/...``) that is not a folder, before
+    transformers takes it for a hub id ("Repo id must be in the form ...")."""
+    text = str(model_path)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        what = "is a file, not a folder" if Path(text).expanduser().exists() else "does not exist"
+        raise UsageError(f"model folder {text!r} {what} (check model.name_or_path: a local folder with "
+                         f"config.json and the weights, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+
+
 def load_tokenizer(config: Config, hook: Any, model_path: str, path: str | Path | None = None) -> Any:
     """The model's tokenizer (or the one saved in ``path``, e.g. a run's adapter folder), with a pad token: a
     plugin's :func:`~qlora_core.hookspecs.qlora_load_tokenizer`, else transformers' ``AutoTokenizer``."""
     from transformers import AutoTokenizer
 
     revision = config["model.revision"] if path is None else None
+    if path is None:
+        check_local_model(config, model_path)
     path = model_path if path is None else path
     try:
         tok = hook.qlora_load_tokenizer(name_or_path=str(path), config=config)
@@ -65,9 +77,11 @@ def load_base_model(config: Config, hook: Any, model_path: str, device: str, com
     """Load the base model, quantized by the quant plugin; for training, also prepared by the plugins
     (k-bit preparation, gradient checkpointing)."""
     from accelerate import PartialState
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     cfg = config
+    check_local_model(cfg, model_path)
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,
         # Each process loads onto its own GPU (LOCAL_RANK under torchrun / accelerate launch).
@@ -81,7 +95,7 @@ def load_base_model(config: Config, hook: Any, model_path: str, device: str, com
         model = hook.qlora_load_base_model(name_or_path=model_path, kwargs=kwargs, config=cfg)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
                          f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
     hook.qlora_model_loaded(model=model, config=cfg, for_training=for_training)
