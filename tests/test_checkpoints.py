@@ -14,17 +14,7 @@ from qlora_core import cli
 from qlora_core.loop.checkpoint import checkpoint_dirs
 from qlora_core.framework.errors import UsageError
 from qlora_core import Job
-
-# Interrupts the run (as Ctrl-C would) after the step given in the environment, if any.
-INTERRUPTER = """
-import os
-from qlora_core import hookimpl
-
-@hookimpl
-def qlora_on_step_end(run, metrics):
-    if str(metrics["step"]) == os.environ.get("QLORA_TEST_INTERRUPT_AT"):
-        raise KeyboardInterrupt
-"""
+from conftest import INTERRUPTER
 
 # Makes every forward with more than two sequences run out of (simulated) GPU memory.
 OOM_ABOVE_TWO = """
@@ -79,12 +69,13 @@ def test_checkpoints_hold_adapter_optimizer_scheduler_rng_position_and_config(ck
     out = tmp_path / "run"
     Job(ckpt_config, output_dir=out).run()
     dirs = checkpoint_dirs(out)
-    assert [d.name for d in dirs] == ["step-0000002", "step-0000004"]
+    # Every train.save_steps steps, and at the last step whatever the strategy (a finished run can train on).
+    assert [d.name for d in dirs] == ["step-0000002", "step-0000004", "step-0000006"]
     for d in dirs:
         for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.pt",
-                     "scheduler.pt", "rng.pt", "state.json", "config.yaml", "plugins.json"):
+                     "scheduler.pt", "rng.json", "state.json", "config.yaml", "plugins.json", "manifest.json"):
             assert (d / name).is_file(), name
-    state = json.loads((dirs[-1] / "state.json").read_text())
+    state = json.loads((dirs[1] / "state.json").read_text())
     assert state["step"] == 4 and state["examples_seen"] == 16
     assert yaml.safe_load((dirs[-1] / "config.yaml").read_text())["lora"]["r"] == 8
     assert {p["name"] for p in json.loads((dirs[-1] / "plugins.json").read_text())} >= {"nf4", "adapter-export"}
@@ -94,7 +85,7 @@ def test_save_total_limit_keeps_the_newest(ckpt_config, tmp_path):
     ckpt_config["train"].update(save_steps=1, save_total_limit=2)
     out = tmp_path / "run"
     Job(ckpt_config, output_dir=out).run()
-    assert [d.name for d in checkpoint_dirs(out)] == ["step-0000004", "step-0000005"]
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-0000005", "step-0000006"]
 
 
 def test_epoch_strategy_saves_at_epoch_ends(ckpt_config, tmp_path):
@@ -102,7 +93,7 @@ def test_epoch_strategy_saves_at_epoch_ends(ckpt_config, tmp_path):
     ckpt_config["train"].update(save_strategy="epoch", max_steps=7)
     out = tmp_path / "run"
     Job(ckpt_config, output_dir=out).run()
-    assert [d.name for d in checkpoint_dirs(out)] == ["step-0000003", "step-0000006"]
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-0000003", "step-0000006", "step-0000007"]
 
 
 def test_resumed_run_ends_with_the_same_losses_as_the_uninterrupted_one(ckpt_config, tmp_path, monkeypatch, capsys):
@@ -149,9 +140,11 @@ def test_a_partly_written_checkpoint_is_ignored(ckpt_config, tmp_path, monkeypat
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 4
 
 
-def test_resume_without_a_checkpoint_is_a_one_line_error(tiny_config, tmp_path, capsys):
+def test_resume_without_a_checkpoint_is_a_one_line_error(ckpt_config, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    Job(tiny_config, output_dir=out).run()  # 3 steps, no checkpoint
+    monkeypatch.setenv("QLORA_TEST_INTERRUPT_AT", "1")  # stopped before its first checkpoint (step 2)
+    with pytest.raises(KeyboardInterrupt):
+        Job(ckpt_config, output_dir=out).run()
     assert cli.main(["run", "--resume", str(out)]) == 2
     assert "has no complete checkpoint" in capsys.readouterr().err
     assert cli.main(["run", "--resume", str(tmp_path / "nothing")]) == 2

@@ -7,6 +7,7 @@ together) and checks an effect that only the hook's call, or its result, can hav
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 
@@ -320,7 +321,7 @@ def test_a_callback_asks_for_a_checkpoint_and_an_evaluation_now(tiny_config, tmp
     _, result = run_job(with_eval(tiny_config), tmp_path, [f"{mod}:SaveAt1EvaluateAt2"], max_steps=3,
                         save_strategy="no")
     checkpoints = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step-0000001"]
+    assert checkpoints == ["step-0000001", "step-0000003"]  # the one asked for, and the end (always written)
     assert [m["step"] for m in result.metrics if "eval_loss" in m] == [0, 2, 3]
 
 
@@ -432,7 +433,7 @@ def test_on_mode_switches_to_eval_for_evaluations_checkpoints_and_exports_and_ba
         ("train", 0), ("step", 1), ("step", 2),
         ("eval", 2), ("evaluate", 2), ("save", "step-0000002"),  # one switch for the evaluation and the save
         ("train", 2), ("step", 3), ("step", 4),
-        ("eval", 4), ("evaluate", 4), ("save", "adapter"),
+        ("eval", 4), ("save", "step-0000004"), ("evaluate", 4), ("save", "adapter"),  # the end's checkpoint
     ]
     modes = [e for e in plugin_of(job, f"{mod}:Modes").events if e[0] in ("train", "eval")]
     assert all(has_optimizer for _, _, has_optimizer, _ in modes)
@@ -442,7 +443,8 @@ def test_a_resumed_run_is_switched_to_train_before_its_first_step(tiny_config, t
     mod = plugin_module(tmp_path, monkeypatch, MODES)
     job, first = run_job(tiny_config, tmp_path, [f"{mod}:Modes"], max_steps=4, save_strategy="steps",
                          save_steps=2)
-    assert sorted(p.name for p in (first.output_dir / "checkpoints").iterdir()) == ["step-0000002"]
+    assert sorted(p.name for p in (first.output_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    shutil.rmtree(first.output_dir / "checkpoints" / "step-0000004")  # resume from step 2
     resumed = Job(resume=first.output_dir, overrides=["train.max_steps=4"])
     # The resumed run reloads its plugins from plugins.json: find the recorder there.
     resumed.run()

@@ -101,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UsageError as e:
         return _error(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from qlora_core.loop.interrupt import Interrupted
+
+        if isinstance(e, Interrupted):  # a stop signal: the run checkpointed and says how to continue
+            print(e.message(), file=sys.stderr)
+            return e.exit_code
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `qlora plugins --json | head`

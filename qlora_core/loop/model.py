@@ -50,6 +50,21 @@ def check_local_model(config: Config, model_path: str) -> None:
                          f"config.json and the weights, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
+_REMOTE_CODE_WARNED: set[str] = set()
+
+
+def warn_remote_code(config: Config) -> None:
+    """``model.trust_remote_code`` is off unless the config sets it; when it is on, say once per model whose code
+    will run in this process."""
+    import sys
+
+    name = str(config["model.name_or_path"])
+    if config["model.trust_remote_code"] and name not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(name)
+        print(f"warning: model.trust_remote_code is true: the Python code that comes with model {name!r} runs in "
+              f"this process (set it to false unless you trust that code)", file=sys.stderr)
+
+
 def load_tokenizer(config: Config, hook: Any, model_path: str, path: str | Path | None = None) -> Any:
     """The model's tokenizer (or the one saved in ``path``, e.g. a run's adapter folder), with a pad token: a
     plugin's :func:`~qlora_core.hookspecs.qlora_load_tokenizer`, else transformers' ``AutoTokenizer``."""
@@ -58,6 +73,7 @@ def load_tokenizer(config: Config, hook: Any, model_path: str, path: str | Path 
     revision = config["model.revision"] if path is None else None
     if path is None:
         check_local_model(config, model_path)
+    warn_remote_code(config)
     path = model_path if path is None else path
     try:
         tok = hook.qlora_load_tokenizer(name_or_path=str(path), config=config)
@@ -82,6 +98,7 @@ def load_base_model(config: Config, hook: Any, model_path: str, device: str, com
 
     cfg = config
     check_local_model(cfg, model_path)
+    warn_remote_code(cfg)
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,
         # Each process loads onto its own GPU (LOCAL_RANK under torchrun / accelerate launch).

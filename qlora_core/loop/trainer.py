@@ -6,7 +6,9 @@ stage (:mod:`qlora_core.hookspecs`).
 from __future__ import annotations
 
 import copy
+import errno
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,9 +20,10 @@ from qlora_core.framework.types import Run
 from qlora_core.loop.batching import Batching
 from qlora_core.loop.data import IGNORE_INDEX, padding_waste, real_tokens
 from qlora_core.loop.determinism import deterministic
+from qlora_core.loop.interrupt import Interrupted, StopSignals
 from qlora_core.loop.loss import check_packed_attention, compute_loss
 from qlora_core.loop.model import input_device
-from qlora_core.loop.record import RunRecord, RunResult, prepare_output_dir
+from qlora_core.loop.record import RunLock, RunRecord, RunResult, default_output_dir, prepare_output_dir
 
 if TYPE_CHECKING:
     import torch
@@ -53,16 +56,34 @@ def _busiest_gpu_peak_gib(device, world: int) -> float:
     return float(peak) / 2**30
 
 
-def _agree(control, world: int, device) -> None:
-    """Across processes a flag a callback set on any one of them counts for all, so every process acts alike."""
+def _agree(control, world: int, device, signals: "StopSignals | None" = None) -> None:
+    """Across processes a flag a callback set on any one of them counts for all, so every process acts alike; so
+    does a stop signal (``signals``) one of them received."""
     if world <= 1:
         return
     import torch
 
-    asked = torch.tensor([control.should_stop, control.should_save, control.should_evaluate], dtype=torch.int32,
-                         device=device)
+    signum = signals.received if signals is not None and signals.received is not None else 0
+    asked = torch.tensor([control.should_stop, control.should_save, control.should_evaluate, signum],
+                         dtype=torch.int32, device=device)
     torch.distributed.all_reduce(asked, op=torch.distributed.ReduceOp.MAX)
-    control.should_stop, control.should_save, control.should_evaluate = (bool(x) for x in asked.tolist())
+    stop, save, evaluate, signum = asked.tolist()
+    control.should_stop, control.should_save, control.should_evaluate = bool(stop), bool(save), bool(evaluate)
+    if signals is not None and signum:
+        signals.received = int(signum)
+
+
+def _completed(run_dir: Path) -> bool:
+    """Whether a run folder's ``run.json`` says the run completed (its evaluation and exports done)."""
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class Trainer:
@@ -78,6 +99,7 @@ class Trainer:
         self.batching = Batching(job.config, job.hook, job.tokenizer.pad_token_id, job.train_examples)
         self._packing_checked = False
         self._mode: str | None = None  # "train" or "eval", as the plugins were last told (qlora_on_mode)
+        self._lock = RunLock()
 
     def train(self) -> RunResult:
         """Train the loaded model on the loaded data; write metrics, checkpoints, exports and the run's record.
@@ -92,19 +114,47 @@ class Trainer:
         cfg = self.config
         accelerator = make_accelerator(cpu=self.job.device == "cpu",
                                        fp16=self.job.device == "cuda" and self.job.compute_dtype == torch.float16)
+        # The main process holds the run folder's lock from here to the end of the run (a second run into the
+        # same folder is refused while this one lives).
+        lock = self._lock = RunLock()
+        try:
+            if self.job.resume_from is not None:
+                out = Path(self.job.resume_from)
+                if accelerator.is_main_process:
+                    lock.acquire(out)
+            elif accelerator.is_main_process:
+                out = prepare_output_dir(self.job.output_dir or default_output_dir(), self.job.overwrite, lock)
+            else:
+                out = Path(self.job.output_dir or "runs/unnamed")
+            accelerator.wait_for_everyone()  # the run folder exists before any process goes on
+            return self._train(accelerator, out)
+        finally:
+            lock.release()
+
+    def _train(self, accelerator, out: Path) -> RunResult:
+        import torch
+        from transformers import get_scheduler
+
+        from qlora_core.loop.checkpoint import (checkpoint_dirs, latest_checkpoint, load_adapter_weights,
+                                                load_checkpoint, resumable_checkpoint)
+
+        cfg = self.config
+        ckpt, passed_over = None, []
         if self.job.resume_from is not None:
-            out = Path(self.job.resume_from)
-        elif accelerator.is_main_process:
-            out = prepare_output_dir(self.job.output_dir, self.job.overwrite)
-        else:
-            out = Path(self.job.output_dir or "runs/unnamed")
-        accelerator.wait_for_everyone()  # the run folder exists before any process goes on
-        ckpt = None
-        if self.job.resume_from is not None:
-            ckpt = latest_checkpoint(out)
+            ckpt, passed_over = resumable_checkpoint(out)  # the newest intact one
             if ckpt is None:
                 raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
                                  f"(checkpoints are written every train.save_steps steps)")
+            if accelerator.is_main_process:
+                # What a run killed while writing a checkpoint left behind.
+                for partial in (out / "checkpoints").glob(".step-*.partial"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            if passed_over and accelerator.is_main_process:
+                # The refused newer checkpoints are set aside (hidden, not deleted), so that neither the next
+                # resume nor train.save_total_limit's pruning takes them for checkpoints of this run.
+                for newer in checkpoint_dirs(out):
+                    if newer.name > ckpt.name:
+                        newer.rename(newer.with_name(f".{newer.name}.refused"))
             load_adapter_weights(ckpt, self.job.model)  # before a plugin shards the model
         model = self.hook.qlora_distribute_model(model=self.job.model, accelerator=accelerator, config=cfg)
         self.job.distributed_by_plugin = model is not None
@@ -137,9 +187,13 @@ class Trainer:
         if ckpt is not None:
             saved, rng = load_checkpoint(ckpt, None, optimizer, scheduler)
             state = TrainState(**saved)
-            if state.step >= max_steps:
-                raise UsageError(f"the run already reached step {state.step} of {max_steps}; raise "
-                                 f"train.max_steps (--set train.max_steps=N) to train further")
+            # A run stopped at its end before its evaluation and exports were done (interrupted there) resumes
+            # into them; a completed one trains on only with a longer horizon.
+            if state.step >= max_steps and _completed(out):
+                raise UsageError(f"the run already completed {state.step} of {max_steps} steps; to train on, "
+                                 f"raise train.max_steps (--set train.max_steps=N) or train.num_train_epochs")
+        elif accelerator.is_main_process:
+            self._check_free_space(out, params)
 
         run = Run(config=cfg, output_dir=out, max_steps=max_steps, is_main_process=accelerator.is_main_process,
                   device=str(accelerator.device), compute_dtype=str(self.job.compute_dtype).replace("torch.", ""),
@@ -148,11 +202,15 @@ class Trainer:
                   num_train_examples=len(self.job.train_examples), num_eval_examples=len(self.job.eval_examples),
                   max_micro_batch_tokens=self.batching.max_micro_batch_tokens(), notify=self.hook.qlora_on_notice)
         run.step = state.step
+        if self._lock.took_over:
+            self.hook.qlora_on_notice(run=run, message=self._lock.took_over)
         record = None
         # From here on a run exists: however it ends early, run.json and the plugins are told (a plugin that
         # changed the model for the run, such as the varlen attention or the adapters' bf16 copies, undoes it).
         try:
             if ckpt is not None:
+                for message in passed_over:  # newer checkpoints that differ from their manifests
+                    self.hook.qlora_on_notice(run=run, message=message)
                 self.hook.qlora_on_resume(run=run, checkpoint=ckpt)
             if self.job.num_parameters:
                 from qlora_core.loop.guidance import guidance_warnings
@@ -177,24 +235,56 @@ class Trainer:
                 record.resume(cfg, self.job.plugins, state.step)
             else:
                 record.start(cfg, self.job.plugins)
-            with deterministic(cfg["train.deterministic"]):
-                result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params)
+            signals = StopSignals(announce=lambda message: self.hook.qlora_on_notice(run=run, message=message))
+            with deterministic(cfg["train.deterministic"]), signals:
+                try:
+                    result = self._loop(run, model, optimizer, scheduler, accelerator, record, state, rng, params,
+                                        signals)
+                except OSError as e:
+                    if e.errno not in _DISK_ERRORS:
+                        raise
+                    ckpt = latest_checkpoint(out)
+                    kept = (f"the last complete checkpoint, {ckpt.name}, is intact: free space and resume with "
+                            f"qlora run --resume {out}") if ckpt else "no checkpoint was written yet"
+                    raise UsageError(f"could not write in {out} ({e.strerror}); {kept}") from None
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             if record is not None:
-                record.finish(status, error=e)
+                try:
+                    record.finish(status, error=e)
+                except OSError:  # a full disk: the error above says so
+                    pass
             self.hook.qlora_on_train_failed(run=run, error=e, status=status)
             raise
         record.finish("completed")
         return result
 
+    def _check_free_space(self, out: Path, params: list) -> None:
+        """Refuse to start when the run folder's disk cannot hold two checkpoints and the adapter: the adapter
+        (4 bytes a trainable parameter at most) and the optimizer's state (8 bytes a parameter for AdamW's two
+        float32 moments, the most any built-in optimizer keeps) each time."""
+
+        trainable = sum(p.numel() for p in params)
+        checkpoint = trainable * 12 + 2**20
+        need = 2 * checkpoint + trainable * 4
+        free = shutil.disk_usage(out).free
+        if free < need:
+            raise UsageError(f"the disk of {out} has {free / 2**20:.1f} MiB free; this run's checkpoints need about "
+                             f"{need / 2**20:.1f} MiB (two checkpoints and the adapter); free space or choose "
+                             f"another --output")
+
     def _loop(self, run: Run, model, optimizer, scheduler, accelerator, record: "RunRecord", state: "TrainState",
-              rng: dict | None, params: list) -> RunResult:
+              rng: dict | None, params: list, signals: StopSignals) -> RunResult:
         """The steps, the evaluations, the checkpoints and the exports; ``params``: what the optimizer steps (and
-        gradient clipping works on)."""
+        gradient clipping works on).
+
+        Checkpoints are written every ``train.save_steps`` steps or at each epoch's end (``train.save_strategy``),
+        and whatever the strategy at the last step and when a stop signal arrives (:mod:`~qlora_core.loop.interrupt`):
+        a finished run can always be continued with a longer horizon, and a preempted one loses no step.
+        """
         import torch
 
-        from qlora_core.loop.checkpoint import save_checkpoint, set_rng_state
+        from qlora_core.loop.checkpoint import latest_checkpoint, save_checkpoint, set_rng_state
 
         cfg = self.config
         hook = self.hook
@@ -211,6 +301,10 @@ class Trainer:
                 hook.qlora_on_evaluate(run=run, metrics={"step": 0, **ev})
             self._show_sample(run, "before")
         run.step = state.step
+        _agree(run.control, world, device, signals)
+        if signals.received is not None:
+            raise Interrupted(signals.received, run.output_dir, state.step, run.max_steps,
+                              latest_checkpoint(run.output_dir) if state.step else None)
         hook.qlora_on_train_start(run=run)
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
@@ -230,37 +324,54 @@ class Trainer:
             hook.qlora_on_step_begin(run=run, step=step)
             loss_sum, n_targets, tokens = self._forward_backward(model, examples, state, accelerator, run)
             hook.qlora_on_after_backward(run=run, model=model, optimizer=optimizer)
-            grad_norm = None
-            if cfg["train.max_grad_norm"] > 0:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg["train.max_grad_norm"])
-            optimizer.step()
+            # The gradient norm, clipped to train.max_grad_norm (0: measured, not clipped). The same on every
+            # process (the gradients and the loss are reduced), so all of them skip a non-finite step alike.
+            max_norm = cfg["train.max_grad_norm"]
+            grad_norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+            step_loss = loss_sum / n_targets
+            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
+            # An fp16 run's loss scaler skips steps whose gradients overflowed and lowers its scale: that is
+            # its normal working, not a fault to count.
+            if finite or (accelerator.scaler is not None and math.isfinite(step_loss)):
+                optimizer.step()
+                state.nonfinite_streak = 0
+            else:
+                self._skip_nonfinite(run, state, step, step_loss, grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             epoch_before = state.examples_seen // n
             state.examples_seen += per_step
             state.step = run.step = step
-            step_loss = loss_sum / n_targets
-            if not math.isfinite(step_loss):
-                raise UsageError(f"the loss became {step_loss} at step {step}; lower train.learning_rate "
-                                 f"(now {cfg['train.learning_rate']:g}) or train.max_grad_norm")
             seconds = time.perf_counter() - t0
             state.all_tokens += tokens
-            metrics = {"step": step, "epoch": round(state.examples_seen / n, 4), "loss": step_loss,
-                       "learning_rate": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            norm = float(grad_norm) if grad_norm is not None else None
+            metrics = {"step": step, "epoch": round(state.examples_seen / n, 4),
+                       "loss": step_loss, "learning_rate": lr,
+                       "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
                        "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
                        "elapsed": time.perf_counter() - started}
+            if not finite:
+                metrics["skipped"] = True
             if device.type == "cuda":
                 metrics["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            state.summary.setdefault("first_loss", step_loss)
             w = state.window
-            w["loss"] += loss_sum
-            w["targets"] += n_targets
+            if finite:
+                state.summary.setdefault("first_loss", step_loss)
+                w["loss"] += loss_sum
+                w["targets"] += n_targets
+            else:
+                w["skipped"] = w.get("skipped", 0) + 1
             w["tokens"] += tokens
             w["seconds"] += seconds
             hook.qlora_on_step_end(run=run, metrics=metrics)
-            if step % cfg["train.logging_steps"] == 0 or step == run.max_steps or run.control.should_stop:
+            if (step % cfg["train.logging_steps"] == 0 or step == run.max_steps or run.control.should_stop) \
+                    and w["targets"]:
+                # The loss averaged over the window's steps (the skipped ones left out, and counted).
                 logged = dict(metrics, loss=w["loss"] / w["targets"],
                               tokens_per_second=w["tokens"] / max(w["seconds"], 1e-9))
+                logged.pop("skipped", None)
+                if w.get("skipped"):
+                    logged["skipped_steps"] = w["skipped"]
                 record.metric(logged)
                 hook.qlora_on_log(run=run, metrics=logged)
                 state.summary["train_loss"] = logged["loss"]
@@ -269,7 +380,7 @@ class Trainer:
             for epoch in range(epoch_before + 1, epochs_done + 1):
                 hook.qlora_on_epoch_end(run=run, epoch=epoch)
             control = run.control
-            _agree(control, world, device)
+            _agree(control, world, device, signals)
             if self.job.eval_examples and step != run.max_steps and not control.should_stop and (
                     control.should_evaluate or (cfg["train.eval_steps"] and step % cfg["train.eval_steps"] == 0)):
                 self._set_mode(run, "eval")
@@ -279,11 +390,12 @@ class Trainer:
                 _agree(control, world, device)  # an evaluation callback may ask to stop (early stopping)
             stopping = control.should_stop and step != run.max_steps
             strategy = cfg["train.save_strategy"]
-            save = step != run.max_steps and (
-                control.should_save
-                or (stopping and strategy != "no")
-                or (strategy == "steps" and step % cfg["train.save_steps"] == 0)
-                or (strategy == "epoch" and epochs_done > epoch_before))
+            signalled = signals.received is not None
+            save = (step == run.max_steps or signalled
+                    or control.should_save
+                    or (stopping and strategy != "no")
+                    or (strategy == "steps" and step % cfg["train.save_steps"] == 0)
+                    or (strategy == "epoch" and epochs_done > epoch_before))
             control.should_stop = control.should_save = control.should_evaluate = False
             if save:
                 self._set_mode(run, "eval")
@@ -294,6 +406,9 @@ class Trainer:
                                            keep=cfg["train.save_total_limit"])
                     hook.qlora_on_save(run=run, path=path)
                 accelerator.wait_for_everyone()
+            if signalled:
+                raise Interrupted(signals.received, run.output_dir, step, run.max_steps,
+                                  latest_checkpoint(run.output_dir))
             if stopping:
                 state.summary["stopped_at_step"] = step
                 hook.qlora_on_notice(run=run, message=f"a plugin stopped the run after step {step} of "
@@ -313,6 +428,10 @@ class Trainer:
             record.metric(ev)
             hook.qlora_on_evaluate(run=run, metrics=ev)
         self._show_sample(run, "after")
+        _agree(run.control, world, device, signals)
+        if signals.received is not None:  # the end state is checkpointed: a resume does the exports
+            raise Interrupted(signals.received, run.output_dir, run.step, run.max_steps,
+                              latest_checkpoint(run.output_dir))
         exports: list[Path] = []
         if run.is_main_process:
             for path in hook.qlora_export(run=run, model=model, tokenizer=self.job.tokenizer, output_dir=run.output_dir):
@@ -446,6 +565,26 @@ class Trainer:
         self.hook.qlora_on_sample(run=run, stage=stage, prompt=prompt, completion=completion,
                                   reference=reference.strip())
 
+    def _skip_nonfinite(self, run: Run, state: "TrainState", step: int, loss: float, grad_norm: Any) -> None:
+        """A step whose loss or gradients are not finite changes no weight: it is skipped (the optimizer does not
+        step; the data and the schedule move on) and counted; ``train.max_nonfinite_steps`` in a row stop the run,
+        its adapters still as the last good step left them."""
+        from qlora_core.loop.checkpoint import latest_checkpoint
+
+        state.nonfinite_streak += 1
+        state.summary["nonfinite_steps"] = state.summary.get("nonfinite_steps", 0) + 1
+        what = f"the loss was {loss}" if not math.isfinite(loss) else f"the gradient norm was {float(grad_norm)}"
+        limit = self.config["train.max_nonfinite_steps"]
+        if state.nonfinite_streak >= limit:
+            ckpt = latest_checkpoint(run.output_dir)
+            good = (f"the last good checkpoint is {ckpt} (qlora run --resume {run.output_dir} continues from it)"
+                    if ckpt else "no checkpoint was written before it")
+            raise UsageError(f"{what} at step {step}: {state.nonfinite_streak} steps in a row were not finite "
+                             f"(train.max_nonfinite_steps={limit}); stopped there, {good}; lower "
+                             f"train.learning_rate (now {self.config['train.learning_rate']:g}) or check the data")
+        self.hook.qlora_on_notice(run=run, message=f"step {step} skipped: {what} ({state.nonfinite_streak} in a "
+                                                   f"row; the run stops after {limit})")
+
     def _oom_message(self, run: Run, size: int) -> str:
         from qlora_core.loop.checkpoint import latest_checkpoint
 
@@ -479,6 +618,8 @@ class TrainState:
     summary: dict[str, Any] = field(default_factory=lambda: {"eval_loss_before": None, "eval_loss_after": None})
     all_tokens: int = 0
     train_seconds: float = 0.0
+    #: steps in a row whose loss or gradients were not finite (skipped)
+    nonfinite_streak: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}

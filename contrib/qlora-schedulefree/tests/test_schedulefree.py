@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata as md
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,10 +126,10 @@ def test_eval_mode_exactly_while_evaluating_sampling_saving_and_exporting(qlora_
     for hook in ("qlora_on_step_begin", "qlora_on_after_backward", "qlora_on_step_end"):
         assert [r["step"] for r in by_hook[hook]] == ([0, 1, 2, 3] if hook != "qlora_on_step_end" else [1, 2, 3, 4])
         assert all(r["train_mode"] for r in by_hook[hook]), hook
-    # Before training, at step 2 and after: evaluations; a checkpoint at step 2 and the adapter export.
+    # Before training, at step 2 and after: evaluations; checkpoints at step 2 and at the end, and the adapter export.
     assert [r["step"] for r in by_hook["qlora_on_evaluate"]] == [0, 2, 4]
     assert [r["stage"] for r in by_hook["qlora_on_sample"]] == ["before", "after"]
-    assert [r["path"] for r in by_hook["qlora_on_save"]] == ["step-0000002", "adapter"]
+    assert [r["path"] for r in by_hook["qlora_on_save"]] == ["step-0000002", "step-0000004", "adapter"]
     assert len(by_hook["qlora_export"]) == 1
     for hook in ("qlora_on_evaluate", "qlora_on_sample", "qlora_on_save", "qlora_export"):
         assert not any(r["train_mode"] for r in by_hook[hook]), hook
@@ -156,7 +157,9 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(qlora_run, eval_confi
     finished = adapter_weights(whole.adapter_dir)
     assert (whole.output_dir / "checkpoints" / "step-0000002" / "optimizer.pt").is_file()
 
-    # Continue from the step-2 checkpoint: steps 3 and 4 again, from its x and the optimizer's z.
+    # Continue from the step-2 checkpoint (the end's left out): steps 3 and 4 again, from its x and the
+    # optimizer's z.
+    shutil.rmtree(whole.output_dir / "checkpoints" / "step-0000004")
     resumed = Job(resume=whole.output_dir).run()
     assert resumed.steps == 4
     again = losses(resumed)

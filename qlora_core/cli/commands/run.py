@@ -66,7 +66,30 @@ def _launch(args: argparse.Namespace) -> int:
     # Config, plugin and output-folder errors: reported once, here, before N processes would each report them.
     Job(args.config, plugins=args.plugin, overrides=args.overrides, output_dir=None if args.resume else output,
         overwrite=args.overwrite, resume=args.resume)
-    return subprocess.call(launch_command(args, output))
+    return _run_forwarding_signals(launch_command(args, output))
+
+
+def _run_forwarding_signals(cmd: list[str]) -> int:
+    """Run the launcher and pass SIGTERM and SIGINT on to it (a scheduler preempting the job signals this
+    process); torchrun passes them to every worker, which checkpoint and stop (qlora_core.loop.interrupt).
+    Returns the launcher's exit code, or 128 + the signal when one stopped the run."""
+    import signal
+
+    # Its own session: a Ctrl-C at the terminal reaches the launcher once, through this process.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received and code != 0 else code
 
 
 def main(args: argparse.Namespace) -> int:

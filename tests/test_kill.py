@@ -1,0 +1,94 @@
+"""SIGKILL at random moments, twenty times in one run, checkpoints written every step: the run folder always holds
+complete checkpoints only, and the run resumed after the last kill ends with the uninterrupted run's losses.
+
+Each segment of the run is a forked child of this process (the libraries already imported, so a segment starts
+in about a second), killed with SIGKILL by the parent at a random moment: while loading, stepping, or writing a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from qlora_core import Job
+from qlora_core.loop.checkpoint import CHECKPOINTS, checkpoint_dirs
+
+KILLS = 20
+
+
+def segment(config: dict, out, resume: bool) -> int:
+    """Start one segment of the run in a forked child; returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # the child: train until killed (or done)
+        code = 0
+        try:
+            if resume:
+                Job(resume=out).run()
+            else:
+                Job(config, output_dir=out, overwrite=True).run()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def assert_complete(out) -> None:
+    """Every folder that looks like a checkpoint is whole: its state, adapter, optimizer and scheduler read back."""
+    import torch
+
+    for ckpt in checkpoint_dirs(out):
+        state = json.loads((ckpt / "state.json").read_text())
+        assert state["step"] == int(ckpt.name.split("-")[1])
+        assert load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if (ckpt / name).exists():
+                torch.load(ckpt / name, weights_only=True)
+
+
+def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_exact(tiny_config, tmp_path):
+    config = copy.deepcopy(tiny_config)
+    config["lora"]["lora_dropout"] = 0.1
+    config["train"].update(max_steps=60, save_steps=1, save_total_limit=2, logging_steps=1,
+                           per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    reference = tmp_path / "reference"
+    Job(config, output_dir=reference).run()
+    expected = {r["step"]: r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().split("\n")[:-1])
+                if "loss" in r}
+
+    out = tmp_path / "run"
+    rng = random.Random(1234)
+    kills = partial_seen = 0
+    fresh = True
+    while kills < KILLS:
+        pid = segment(config, out, resume=not fresh and bool(checkpoint_dirs(out)))
+        time.sleep(rng.uniform(0.3, 2.5))
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:  # it reached the end before the kill: start over, so that every kill lands in a live run
+            assert os.waitstatus_to_exitcode(status) == 0
+            fresh = True
+            continue
+        fresh = False
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        kills += 1
+        root = out / CHECKPOINTS
+        partial_seen += bool(root.is_dir() and any(p.name.endswith(".partial") for p in root.iterdir()))
+        assert_complete(out)
+    pid = segment(config, out, resume=not fresh and bool(checkpoint_dirs(out)))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    got = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().split("\n")[:-1])
+           if "loss" in r}
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6), step
+    print(f"{kills} kills, {partial_seen} of them while a checkpoint was being written")
