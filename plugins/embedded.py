@@ -110,6 +110,20 @@ def _convert(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` to a float32 safetensors model + tokenizer in the (existing, empty) ``out``."""
     if importlib.util.find_spec("gguf") is None:
         raise UsageError(f"converting the embedded model needs the gguf package: run `{INSTALL_COMMAND}`")
+    from transformers.utils import logging as hf_logging
+
+    # The conversion's own line says what happens; transformers' progress bars (dequantizing, loading, writing)
+    # would spill into the first run's output.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        _convert_quietly(gguf, out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_quietly(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

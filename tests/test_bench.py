@@ -214,3 +214,16 @@ def test_named_shapes_are_the_real_architectures():
     assert counts["llama3-8b"] == 8_030_261_248  # Meta-Llama-3-8B
     assert counts["llama3-70b"] == 70_553_706_496  # Meta-Llama-3-70B
     assert counts["llama3-1b"] == 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+
+
+def test_without_a_gpu_a_shape_too_big_for_the_cpu_is_refused_up_front(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without a GPU")
+    started = __import__("time").monotonic()
+    done = qlora("bench", "--shape", "llama3-8b", cwd=tmp_path)
+    assert done.returncode == 2 and __import__("time").monotonic() - started < 60
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no GPU here: the llama3-8b shape (8.0B parameters)" in lines[0]
+    assert "--shape smollm2-135m" in lines[0]

@@ -249,3 +249,15 @@ def test_changed_gguf_gets_a_new_folder(fake_gguf):
     gguf.write_bytes(b"GGUF" + os.urandom(80))
     second = embedded.embedded_model_path()
     assert first != second and len(calls) == 2
+
+
+def test_the_conversion_shows_no_progress_bars_of_its_own(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    monkeypatch.setattr(embedded, "_convert_quietly",
+                        lambda gguf, out: seen.append(hf_logging.is_progress_bar_enabled()))
+    hf_logging.enable_progress_bar()
+    embedded._convert(embedded.smollm2_gguf_path(), tmp_path)
+    assert seen == [False]  # transformers' bars off while converting
+    assert hf_logging.is_progress_bar_enabled()  # and back on after, for the loads of the run

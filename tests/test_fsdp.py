@@ -256,10 +256,12 @@ def test_two_processes_under_ddp_train_as_one_process_does(fsdp_config, tmp_path
     """Without the fsdp plugin, several processes train under accelerate's DDP: the loss runs inside DDP's
     forward (the fused head too), and 2 processes give the losses of 1 with the same global batch."""
     cfg = copy.deepcopy(fsdp_config)
-    cfg["train"].update(max_steps=3, save_strategy="no")
-    _, two = qlora_run(cfg, tmp_path, "two", "--plugin", "no:rich-progress", "--nproc-per-node", "2")
-    _, one = qlora_run(cfg, tmp_path, "one", "--plugin", "no:rich-progress",
-                       "--set", "train.gradient_accumulation_steps=4")
+    # Sample answers on: the main process generates with the module DDP wraps (the wrapper has no generate).
+    cfg["train"].update(max_steps=3, save_strategy="no", sample_max_new_tokens=4)
+    done, two = qlora_run(cfg, tmp_path, "two", "--nproc-per-node", "2")
+    assert "sample" in done.stdout and "Traceback" not in done.stderr
+    assert "bnb_4bit_quant_storage" not in done.stdout + done.stderr  # an FSDP note, and this is no FSDP run
+    _, one = qlora_run(cfg, tmp_path, "one", "--set", "train.gradient_accumulation_steps=4")
     got, expected = losses(two), losses(one)
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)

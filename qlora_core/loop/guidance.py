@@ -118,7 +118,7 @@ def effective_batch(config: Config, gpus: int = 1) -> int:
 
 
 def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
-                      settings: Any = None) -> list[str]:
+                      settings: Any = None, storage: bool = True) -> list[str]:
     """Settings that go against the guide, each naming its recommendation (warnings, not errors).
 
     * ``lora_alpha`` outside ``[r, 4r]`` (the guide: ``2 x r``);
@@ -130,7 +130,8 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
     * fp16 compute (the guide: "risky") or FP4 instead of NF4;
     * more than one GPU without ``quant.bnb_4bit_quant_storage: bfloat16`` (the guide: critical for FSDP), or the
       compute dtype; with the plan's ``settings``, none when a plugin shards the weights (``shards_weights``: the
-      ``fsdp`` plugin sets the storage).
+      ``fsdp`` plugin sets the storage); none with ``storage=False`` (a run that has started: FSDP's plugin set the
+      storage, and without FSDP, as under plain data parallelism, it does not matter).
 
     The embedded default job (135M parameters, r 16, alpha 32, learning rate 1e-3, effective batch 8) gets
     none: its rate is 3.3x the 7B row's top, within the 22x a 135M model is allowed; :func:`guidance_notes` says
@@ -173,7 +174,7 @@ def guidance_warnings(config: Config, n_params: float, gpus: int = 1,
     compute = config["quant.bnb_4bit_compute_dtype"]
     fits = {"bfloat16", "float32"} if compute == "auto" else {"bfloat16", compute}
     sharded = settings is not None and settings.shards_weights
-    if gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] not in fits \
+    if storage and gpus > 1 and config["quant.load_in_4bit"] and config["quant.bnb_4bit_quant_storage"] not in fits \
             and not sharded:
         out.append(f"{gpus} GPUs with quant.bnb_4bit_quant_storage={config['quant.bnb_4bit_quant_storage']}: the "
                    f"guide calls bnb_4bit_quant_storage=bfloat16 critical for FSDP (4-bit layers must be wrapped "

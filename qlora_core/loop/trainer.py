@@ -215,7 +215,8 @@ class Trainer:
             if self.job.num_parameters:
                 from qlora_core.loop.guidance import guidance_warnings
 
-                for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes):
+                for message in guidance_warnings(cfg, self.job.num_parameters, accelerator.num_processes,
+                                                 storage=False):
                     self.hook.qlora_on_notice(run=run, message=message)
             if cfg["train.packing"]:
                 with self._autocast():
@@ -559,7 +560,10 @@ class Trainer:
         if not run.is_main_process:
             return
         prompt, reference = self.job.sample.prompt_and_answer()
-        completion = self.job.generate(prompt, n, self.job.sample.add_special_tokens, model=run.model)
+        # Under plain data parallelism the model is wrapped (DistributedDataParallel has no generate): this
+        # process generates with the module itself, which runs no collective.
+        model = run.accelerator.unwrap_model(run.model) if run.accelerator is not None else run.model
+        completion = self.job.generate(prompt, n, self.job.sample.add_special_tokens, model=model)
         eos = self.job.tokenizer.eos_token or ""
         reference = reference[: -len(eos)] if eos and reference.endswith(eos) else reference
         self.hook.qlora_on_sample(run=run, stage=stage, prompt=prompt, completion=completion,

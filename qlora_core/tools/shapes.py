@@ -55,6 +55,20 @@ def shape_config(shape: str) -> dict[str, Any]:
     raise UsageError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)} or a config.json path")
 
 
+def parameter_count(config: dict[str, Any]) -> int:
+    """About how many parameters a decoder of this ``config.json`` has: its attention and MLP projections, and
+    the embeddings (twice when the output head is not tied to them)."""
+    h = int(config.get("hidden_size", 0))
+    layers = int(config.get("num_hidden_layers", 0))
+    heads = int(config.get("num_attention_heads", 1) or 1)
+    head_dim = int(config.get("head_dim") or (h // heads if heads else 0))
+    kv = int(config.get("num_key_value_heads", heads) or heads) * head_dim
+    inter = int(config.get("intermediate_size", 4 * h))
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv + 3 * h * inter
+    embed = int(config.get("vocab_size", 0)) * h
+    return layers * per_layer + embed * (1 if config.get("tie_word_embeddings") else 2)
+
+
 def write_config_folder(config: dict[str, Any], folder: Path) -> Path:
     """A model folder with only ``config.json`` (enough for ``qlora plan`` and the ``random-weights`` plugin)."""
     folder.mkdir(parents=True, exist_ok=True)

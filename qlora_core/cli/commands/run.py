@@ -105,6 +105,8 @@ def main(args: argparse.Namespace) -> int:
     result = job.run()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.output_dir}")
-        for path in result.exports:
-            print(f"saved: {path}")
+        # The progress display announced each export as it was saved; without it, they are listed here.
+        if "rich-progress" not in job.plugins.names():
+            for path in result.exports:
+                print(f"saved: {path}")
     return 0
