@@ -14,6 +14,8 @@ It takes part in no run (no default, no run hook): ``qlora bench`` asks every in
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +142,7 @@ def run_seed_trainer(args: dict[str, Any], model_dir: Path, device: str) -> dict
                 steps[-1]["loss"] = float(logs["loss"])
 
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-trainer-"))
+    atexit.register(shutil.rmtree, out, True)  # the run folder of a measurement: nothing in it is kept
     training_args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args["batch"], gradient_accumulation_steps=1,
         max_steps=total, learning_rate=args["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,

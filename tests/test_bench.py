@@ -23,9 +23,9 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02}
 
 
-def qlora(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def qlora(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlora_core", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,15 @@ def ragged_report(tmp_path_factory):
     # The trainer announces its decoder layers on a GPU only; on the CPU this plugin does it for the test.
     (tmp / "announce.py").write_text("from qlora_core import hookimpl\n\n@hookimpl\ndef qlora_on_train_start(run):\n"
                                      "    run.notice('decoder layers: 2 of 2 recomputed, said a plugin')\n")
+    temp = tmp / "temp"  # the bench's and its workers' temporary folders
+    temp.mkdir()
     done = qlora("bench", "--shape", str(tmp / "config.json"), "--seq", "48", "--min-len", "8", "--batch", "4",
                  "--steps", "3", "--warmup", "1", "--learning-rate", "3e-3", "--variant", "seed", "--variant", "seed-trainer", "--variant", "qlora",
                  "--variant", "qlora+packing", "--variant", "broken=lora.r=-1",
                  "--variant", f"announced=plugin:{tmp / 'announce.py'}", "--out", str(tmp / "r.json"),
-                 "--profile", str(tmp / "profile"), cwd=tmp)
+                 "--profile", str(tmp / "profile"), cwd=tmp, TMPDIR=str(temp))
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(temp.glob("qlora-bench-*"))  # every variant's run folder removed (torch's caches may stay)
     return json.loads((tmp / "r.json").read_text()), done.stdout, tmp / "profile"
 
 

@@ -26,6 +26,7 @@ tokens/s, peak allocated and reserved GPU memory, weight memory after loading, f
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import json
 import math
@@ -286,6 +287,7 @@ def run_qlora(args: dict[str, Any], model_dir: Path, device: str, sets: Sequence
         ("train.seed", args["seed"]), ("random_weights.seed", args["seed"]), *sets,
     ]
     out = Path(tempfile.mkdtemp(prefix="qlora-bench-run-"))
+    atexit.register(shutil.rmtree, out, True)  # the run folder of a measurement: nothing in it is kept
     job = Job(None, plugins=["random-weights", "no:adapter-export", "no:rich-progress", *plugins],
               overrides=overrides, output_dir=out / "run")
     if PROFILER.path:
