@@ -88,6 +88,7 @@ def test_two_processes_train_as_one_process_does_and_resume(fsdp_config, tmp_pat
     # Resume from the step-2 checkpoint on two processes: steps 3 and 4 come out as in the run itself.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")  # the end's checkpoint: resume from step 2
     done = qlora("run", "--resume", str(resumed), "--nproc-per-node", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((resumed / "run.json").read_text())["resumed_from_step"] == 2
