@@ -161,7 +161,9 @@ def test_the_launcher_forwards_the_arguments_to_torchrun():
 
 def test_the_launcher_reports_errors_once_before_starting_processes(tiny_config, tmp_path, capsys, monkeypatch):
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    from qlora_core.cli.commands import run as run_command
+
+    monkeypatch.setattr(run_command, "_run_forwarding_signals", lambda cmd: started.append(cmd) or 0)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config))
     (tmp_path / "full").mkdir()

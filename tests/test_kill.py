@@ -40,6 +40,17 @@ def segment(config: dict, out, resume: bool) -> int:
     return pid
 
 
+def resumable(out, fresh: bool) -> bool:
+    """Whether the next segment resumes: not after a segment that finished, nor when the last kill came after
+    the run had completed (between its record and its exit), nor before its first checkpoint."""
+    if fresh or not checkpoint_dirs(out):
+        return False
+    try:
+        return json.loads((out / "run.json").read_text())["status"] != "completed"
+    except (OSError, ValueError, KeyError):
+        return True
+
+
 def assert_complete(out) -> None:
     """Every folder that looks like a checkpoint is whole: its state, adapter, optimizer and scheduler read back."""
     import torch
@@ -68,7 +79,7 @@ def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_e
     kills = partial_seen = 0
     fresh = True
     while kills < KILLS:
-        pid = segment(config, out, resume=not fresh and bool(checkpoint_dirs(out)))
+        pid = segment(config, out, resume=resumable(out, fresh))
         time.sleep(rng.uniform(0.3, 2.5))
         finished, status = os.waitpid(pid, os.WNOHANG)
         if finished:  # it reached the end before the kill: start over, so that every kill lands in a live run
@@ -82,7 +93,7 @@ def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_e
         root = out / CHECKPOINTS
         partial_seen += bool(root.is_dir() and any(p.name.endswith(".partial") for p in root.iterdir()))
         assert_complete(out)
-    pid = segment(config, out, resume=not fresh and bool(checkpoint_dirs(out)))
+    pid = segment(config, out, resume=resumable(out, fresh))
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "completed"

@@ -353,7 +353,12 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, optimizer: Any, schedu
                          f"{kept}") from e
     if keep > 0:
         for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of the checkpoints' names first: a process killed while deleting leaves a hidden
+            # folder, never a half-deleted one that looks like a checkpoint.
+            doomed = old.with_name(f".{old.name}.removed")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

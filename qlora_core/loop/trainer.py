@@ -146,8 +146,9 @@ class Trainer:
                 raise UsageError(f"run folder {str(out)!r} has no complete checkpoint to resume from "
                                  f"(checkpoints are written every train.save_steps steps)")
             if accelerator.is_main_process:
-                # What a run killed while writing a checkpoint left behind.
-                for partial in (out / "checkpoints").glob(".step-*.partial"):
+                # What a run killed while writing a checkpoint, or deleting an old one, left behind.
+                for partial in [*(out / "checkpoints").glob(".step-*.partial"),
+                                *(out / "checkpoints").glob(".step-*.removed")]:
                     shutil.rmtree(partial, ignore_errors=True)
             if passed_over and accelerator.is_main_process:
                 # The refused newer checkpoints are set aside (hidden, not deleted), so that neither the next
