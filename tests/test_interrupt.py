@@ -22,7 +22,8 @@ from qlora_core.loop.checkpoint import checkpoint_dirs
 
 QLORA = str(Path(sys.executable).parent / "qlora")
 
-# Slows each step down and says which step is under way, so a signal can be sent in the middle of one.
+# Slows the steps down from QLORA_TEST_SLOW_FROM on and says which step is under way, so a signal can be sent in
+# the middle of one.
 PACER = """
 import os, time
 from pathlib import Path
@@ -33,7 +34,8 @@ def qlora_on_step_begin(run, step):
     marker = os.environ.get("QLORA_TEST_MARKERS")
     if marker:
         Path(marker, f"step-{step}").write_text("")
-        time.sleep(float(os.environ.get("QLORA_TEST_STEP_SECONDS", "0.4")))
+        if step >= int(os.environ.get("QLORA_TEST_SLOW_FROM", "1")):
+            time.sleep(float(os.environ.get("QLORA_TEST_STEP_SECONDS", "0.4")))
 """
 
 # Poisons the gradients of the steps listed in the environment, as a diverging run or a bad batch would.
@@ -129,7 +131,7 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(c
     out, markers = tmp_path / "run", tmp_path / "markers"
     # Long steps: after the first signal the run would finish its step; the second one must not wait for that.
     proc = start([str(write_config(config, tmp_path / "c.yaml")), "--output", str(out)], markers,
-                 QLORA_TEST_STEP_SECONDS="30")
+                 QLORA_TEST_STEP_SECONDS="30", QLORA_TEST_SLOW_FROM="3")
     wait_for(markers / "step-3", proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -215,7 +217,8 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_dead_runs_lock_ta
     config["train"]["save_steps"] = 1
     cfg_file = write_config(config, tmp_path / "c.yaml")
     out, markers = tmp_path / "run", tmp_path / "markers"
-    first = start([str(cfg_file), "--output", str(out)], markers, QLORA_TEST_STEP_SECONDS="30")
+    first = start([str(cfg_file), "--output", str(out)], markers, QLORA_TEST_STEP_SECONDS="30",
+                  QLORA_TEST_SLOW_FROM="2")
     try:
         wait_for(markers / "step-2", first)
         for args in (["--resume", str(out)], [str(cfg_file), "--output", str(out), "--overwrite"]):
