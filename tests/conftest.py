@@ -44,6 +44,32 @@ def tiny_model_dir(qlora_tiny_model_dir) -> Path:
     return qlora_tiny_model_dir
 
 
+def rows(run_dir):
+    """The rows of a run's ``metrics.jsonl``."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(row):
+    # Wall-clock figures differ between any two runs.
+    return {k: v for k, v in row.items() if k not in ("tokens_per_second", "elapsed")}
+
+
+def assert_same_losses(full, resumed):
+    """Two run folders logged the same rows, step for step (floats to 1e-6), but for wall-clock figures."""
+    a, b = rows(full), rows(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        ca, cb = comparable(ra), comparable(rb)
+        assert ca.keys() == cb.keys()
+        for key in ca:
+            if isinstance(ca[key], float):
+                assert cb[key] == pytest.approx(ca[key], rel=1e-6, abs=1e-6), (ra["step"], key)
+            else:
+                assert cb[key] == ca[key], (ra["step"], key)
+
+
 def loss_by_hand(model, batch):
     """The summed next-token cross-entropy over a batch's answer tokens from the model's full logits, and their
     number: what every loss path must equal."""

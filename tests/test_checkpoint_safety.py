@@ -28,7 +28,7 @@ from qlora_core import Job, cli
 from qlora_core.loop.checkpoint import (MANIFEST, checkpoint_dirs, load_checkpoint, rng_from_json, rng_state,
                                         rng_to_json, set_rng_state, verify_checkpoint, write_manifest)
 from qlora_core.testing import TINY_ROWS, write_jsonl
-from conftest import INTERRUPTER
+from conftest import INTERRUPTER, assert_same_losses
 
 NOTICES = """
 from qlora_core import hookimpl
@@ -49,27 +49,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"echo ran > '{self.marker}'",)
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(row):
-    return {k: v for k, v in row.items() if k not in ("tokens_per_second", "elapsed")}
-
-
-def assert_same_losses(full, resumed):
-    a, b = rows(full), rows(resumed)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        ca, cb = comparable(ra), comparable(rb)
-        assert ca.keys() == cb.keys()
-        for key in ca:
-            if isinstance(ca[key], float):
-                assert cb[key] == pytest.approx(ca[key], rel=1e-6, abs=1e-6), (ra["step"], key)
-            else:
-                assert cb[key] == ca[key], (ra["step"], key)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from qlora_core import cli
 from qlora_core.loop.checkpoint import checkpoint_dirs
 from qlora_core.framework.errors import UsageError
 from qlora_core import Job
-from conftest import INTERRUPTER
+from conftest import INTERRUPTER, assert_same_losses
 
 # Makes every forward with more than two sequences run out of (simulated) GPU memory.
 OOM_ABOVE_TWO = """
@@ -41,15 +41,6 @@ SEEN = []
 def qlora_on_notice(run, message):
     SEEN.append(message)
 """
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(row):
-    # Wall-clock figures differ between any two runs.
-    return {k: v for k, v in row.items() if k not in ("tokens_per_second", "elapsed")}
 
 
 @pytest.fixture
@@ -110,16 +101,7 @@ def test_resumed_run_ends_with_the_same_losses_as_the_uninterrupted_one(ckpt_con
 
     assert cli.main(["run", "--resume", str(cut)]) == 0
     capsys.readouterr()
-    a, b = rows(full), rows(cut)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        ca, cb = comparable(ra), comparable(rb)
-        assert ca.keys() == cb.keys()
-        for key in ca:
-            if isinstance(ca[key], float):
-                assert cb[key] == pytest.approx(ca[key], rel=1e-6, abs=1e-6), (ra["step"], key)
-            else:
-                assert cb[key] == ca[key], (ra["step"], key)
+    assert_same_losses(full, cut)
     status = json.loads((cut / "run.json").read_text())
     assert status["status"] == "completed" and status["resumed_from_step"] == 4
     assert (cut / "adapter" / "adapter_model.safetensors").is_file()
