@@ -146,6 +146,17 @@ class RunResult:
         return self.output_dir / "adapter"
 
 
+def run_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run folder's ``run.json`` (``{"status": "unreadable"}`` when it cannot be read), or ``None`` without one."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"status": "unreadable"}
+
+
 class RunRecord:
     """The files that document a run: ``config.yaml``, ``plugins.json``, ``metrics.jsonl``, ``run.json``.
 

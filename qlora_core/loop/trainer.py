@@ -23,7 +23,8 @@ from qlora_core.loop.determinism import deterministic
 from qlora_core.loop.interrupt import Interrupted, StopSignals
 from qlora_core.loop.loss import check_packed_attention, compute_loss
 from qlora_core.loop.model import input_device
-from qlora_core.loop.record import RunLock, RunRecord, RunResult, default_output_dir, prepare_output_dir
+from qlora_core.loop.record import (RunLock, RunRecord, RunResult, default_output_dir, prepare_output_dir,
+                                    run_status)
 
 if TYPE_CHECKING:
     import torch
@@ -75,12 +76,7 @@ def _agree(control, world: int, device, signals: "StopSignals | None" = None) ->
 
 def _completed(run_dir: Path) -> bool:
     """Whether a run folder's ``run.json`` says the run completed (its evaluation and exports done)."""
-    import json
-
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    return (run_status(run_dir) or {}).get("status") == "completed"
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

@@ -50,16 +50,6 @@ CHECK_PROMPTS = ("What is the capital of France?", "Write two sentences about th
 # --------------------------------------------------------------------------- the run and its format
 
 
-def _run_status(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"status": "unreadable"}
-
-
 def _resume_hint(run_dir: Path) -> str:
     try:
         from qlora_core.loop.checkpoint import latest_checkpoint
@@ -81,7 +71,9 @@ def check_finished_run(run_dir: str | Path) -> Path:
     from qlora_core.loop.setup import run_config_file
 
     run_config_file(run_dir)
-    status = _run_status(run_dir)
+    from qlora_core.loop.record import run_status
+
+    status = run_status(run_dir)
     adapter = run_dir / "adapter"
     if status is not None and status.get("status") != "completed":
         error = f" ({status['error']})" if status.get("error") else ""
