@@ -4,7 +4,12 @@ Built with `rich`. Only the main process prints. When stdout is a terminal, trai
 (step/total, loss, learning rate, tokens/s, eval loss, GPU memory, ETA); otherwise (a pipe, CI, a log
 file, pytest's capture) it prints one plain line per logging step instead::
 
-    step 10/40 loss 1.2345 lr 1.00e-04 tok/s 812 eta 0:01:30
+    step 10/40 loss 1.2345 (mean of 5 steps, last 1.1987) lr 1.00e-04 tok/s 812 eta 0:01:30
+
+A plain line's ``loss`` and ``tok/s`` are those of ``metrics.jsonl``'s row for that step: averaged over the
+steps since the previous logging step (``train.logging_steps``), with the last step's own loss beside it.
+The live bar shows the last step's loss (``step loss``) and an exponential moving average of the step
+losses (``smoothed``), then the time left (``eta``) and the time spent (``elapsed``).
 
 The console is created when the display is first needed (usually at train start), writing to the
 ``sys.stdout`` of that moment. To show the display on another console (a test's, say), call
@@ -111,6 +116,9 @@ class _State:
         self.eval_loss: float | None = None
         self.started = False
         self.finished = False
+        self.last_logged_step = 0
+        self.last_step_loss: float | None = None
+        self.eta_text = "?"
 
     # -- output
 
@@ -140,6 +148,7 @@ class _State:
             BarColumn(bar_width=30),
             MofNCompleteColumn(),
             _MetricsColumn(),
+            TextColumn("[dim]elapsed"),
             TimeElapsedColumn(),
             console=self.console,
             refresh_per_second=2,
@@ -177,10 +186,10 @@ class _MetricsColumn(ProgressColumn):
     def render(self, task: "Task") -> Text:
         f = task.fields
         text = Text()
-        text.append("loss ", style="dim")
+        text.append("step loss ", style="dim")
         text.append(str(f.get("loss", "-")), style="bold")
         if f.get("smoothed"):
-            text.append(f" (avg {f['smoothed']})", style="dim")
+            text.append(f" (smoothed {f['smoothed']})", style="dim")
         text.append("  lr ", style="dim")
         text.append(str(f.get("lr", "-")))
         text.append("  tok/s ", style="dim")
@@ -233,7 +242,7 @@ def qlora_on_train_start(run: "Run") -> None:
         return
     state.started = True
     state.finished = False
-    state.start_step = run.step
+    state.start_step = state.last_logged_step = run.step
     total = _total(run)
     model = run.config["model.name_or_path"]
     steps = str(total) if total else "?"
@@ -287,17 +296,34 @@ def qlora_on_step_end(run: "Run", metrics: dict[str, float]) -> None:
             gpu=_fmt_gib(gpu) if gpu is not None else "",
             eta=eta_text,
         )
-        return
+    state.last_step_loss = loss
+    state.eta_text = eta_text
 
-    logging_steps = int(run.config["train.logging_steps"])
-    if step % logging_steps == 0 or (total is not None and step >= total):
-        text = (
-            f"step {_step_text(step, total)} loss {_fmt_float(loss)} lr {_fmt_lr(lr)} "
-            f"tok/s {_fmt_rate(tps)} eta {eta_text}"
-        )
-        if gpu is not None:
-            text += f" gpu {_fmt_gib(gpu)}"
-        state.line(text)
+
+@hookimpl
+def qlora_on_log(run: "Run", metrics: dict[str, Any]) -> None:
+    state = _state(run)
+    if state is None:
+        return
+    step = int(metrics["step"])
+    window = step - state.last_logged_step
+    state.last_logged_step = step
+    if state.live:
+        return
+    total = _total(run)
+    loss = _fmt_float(metrics["loss"])
+    if window > 1 and state.last_step_loss is not None:
+        loss += f" (mean of {window} steps, last {_fmt_float(state.last_step_loss)})"
+    text = (
+        f"step {_step_text(step, total)} loss {loss} lr {_fmt_lr(metrics['learning_rate'])} "
+        f"tok/s {_fmt_rate(metrics['tokens_per_second'])} eta {state.eta_text}"
+    )
+    gpu = metrics.get("gpu_memory_gib")
+    if gpu is not None:
+        text += f" gpu {_fmt_gib(gpu)}"
+    if metrics.get("skipped_steps"):
+        text += f" skipped {int(metrics['skipped_steps'])}"
+    state.line(text)
 
 
 @hookimpl

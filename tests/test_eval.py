@@ -201,7 +201,13 @@ def test_a_run_without_held_out_data_asks_for_data(tmp_path, trained_run, data_d
 
 def test_cli_prints_a_table(trained_run, capsys):
     assert cli.main(["eval", str(trained_run)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # each phase is announced on stderr even when it is not a terminal (pytest's capture is not)
+    phases = [line for line in captured.err.splitlines() if line.startswith("qlora eval: [")]
+    assert [p.split("] ", 1)[1] for p in phases] == [
+        "loading the data...", "loading the model and the adapter...",
+        "eval loss before training (adapter disabled)...", "eval loss after training (adapter)..."]
     assert "eval loss" in out and "perplexity" in out
     assert "before (base)" in out and "after (adapter)" in out
     assert "exact match" not in out

@@ -70,10 +70,19 @@ def summary(**extra) -> dict:
     return s
 
 
-def run_steps(run: Run, n: int, **kw) -> None:
+def run_steps(run: Run, n: int, *, losses: list[float] | None = None, **kw) -> None:
+    """Steps 1..n as the trainer calls the hooks: each step's end, then the logging steps' rows, whose loss
+    is the mean since the previous logging step (every step's weight equal here)."""
+    logging_steps = int(run.config["train.logging_steps"])
+    window: list[float] = []
     for step in range(1, n + 1):
         run.step = step
-        rp.qlora_on_step_end(run, step_metrics(step, **kw))
+        metrics = step_metrics(step, loss=None if losses is None else losses[step - 1], **kw)
+        rp.qlora_on_step_end(run, metrics)
+        window.append(metrics["loss"])
+        if step % logging_steps == 0 or step == run.max_steps:
+            rp.qlora_on_log(run, dict(metrics, loss=sum(window) / len(window)))
+            window = []
 
 
 def terminal_console() -> tuple[Console, io.StringIO]:
@@ -108,23 +117,34 @@ def test_plain_one_line_per_logging_step(tmp_path, capsys):
     assert "25 steps" in header and "100 train" in header and "10 eval" in header
     step_lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert step_lines == [
-        "step 10/25 loss 1.2345 lr 1.00e-04 tok/s 812 eta 0:00:30",
-        "step 20/25 loss 1.2345 lr 1.00e-04 tok/s 812 eta 0:00:10",
-        "step 25/25 loss 1.2345 lr 1.00e-04 tok/s 812 eta 0:00:00",  # the last step, off the logging grid
+        "step 10/25 loss 1.2345 (mean of 10 steps, last 1.2345) lr 1.00e-04 tok/s 812 eta 0:00:30",
+        "step 20/25 loss 1.2345 (mean of 10 steps, last 1.2345) lr 1.00e-04 tok/s 812 eta 0:00:10",
+        # the last step, off the logging grid
+        "step 25/25 loss 1.2345 (mean of 5 steps, last 1.2345) lr 1.00e-04 tok/s 812 eta 0:00:00",
     ]
 
 
-def test_plain_shows_last_steps_loss_and_gpu_memory_when_given(tmp_path, capsys):
+def test_plain_shows_logged_mean_beside_last_steps_loss_and_gpu_memory(tmp_path, capsys):
     run = make_run(tmp_path, max_steps=4, logging_steps=2)
     rp.qlora_on_train_start(run)
-    for step, loss in enumerate([3.0, 2.0, 1.5, 0.25], start=1):
-        run.step = step
-        rp.qlora_on_step_end(run, step_metrics(step, loss=loss, gpu=3.14159))
+    run_steps(run, 4, losses=[3.0, 2.0, 1.5, 0.25], gpu=3.14159)
     step_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(step_lines) == 2
-    assert step_lines[0].startswith("step 2/4 loss 2.0000 ")
-    assert step_lines[1].startswith("step 4/4 loss 0.2500 ")
+    # the loss of metrics.jsonl's row (the window's mean), and the last step's own loss
+    assert step_lines[0].startswith("step 2/4 loss 2.5000 (mean of 2 steps, last 2.0000) ")
+    assert step_lines[1].startswith("step 4/4 loss 0.8750 (mean of 2 steps, last 0.2500) ")
     assert all(line.endswith("gpu 3.14 GiB") for line in step_lines)
+
+
+def test_plain_every_step_logged_shows_one_loss_and_skipped_steps(tmp_path, capsys):
+    run = make_run(tmp_path, max_steps=2, logging_steps=1)
+    rp.qlora_on_train_start(run)
+    run_steps(run, 1, losses=[2.0])
+    rp.qlora_on_step_end(run, step_metrics(2, loss=3.0))
+    rp.qlora_on_log(run, dict(step_metrics(2, loss=3.0), skipped_steps=1))
+    step_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert step_lines[0] == "step 1/2 loss 2.0000 lr 1.00e-04 tok/s 812 eta 0:00:02"
+    assert step_lines[1].endswith("eta 0:00:00 skipped 1")
 
 
 def test_plain_without_known_total(tmp_path, capsys):
@@ -132,7 +152,7 @@ def test_plain_without_known_total(tmp_path, capsys):
     rp.qlora_on_train_start(run)
     run_steps(run, 5)
     step_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert step_lines == ["step 5 loss 1.2345 lr 1.00e-04 tok/s 812 eta ?"]
+    assert step_lines == ["step 5 loss 1.2345 (mean of 5 steps, last 1.2345) lr 1.00e-04 tok/s 812 eta ?"]
 
 
 def test_plain_eval_and_samples(tmp_path, capsys):
@@ -230,9 +250,8 @@ def test_two_runs_do_not_mix(tmp_path):
     rp.use_console(run_b, Console(file=buf_b, _environ={}))
     rp.qlora_on_train_start(run_a)
     rp.qlora_on_train_start(run_b)
-    for step in range(1, 11):
-        rp.qlora_on_step_end(run_a, step_metrics(step, loss=1.0))
-        rp.qlora_on_step_end(run_b, step_metrics(step, loss=2.0))
+    run_steps(run_a, 10, losses=[1.0] * 10)
+    run_steps(run_b, 10, losses=[2.0] * 10)
     a = [line for line in buf_a.getvalue().splitlines() if line.startswith("step ")]
     b = [line for line in buf_b.getvalue().splitlines() if line.startswith("step ")]
     assert [line.split(" loss ")[0] for line in a] == ["step 5/10", "step 10/10"]
@@ -281,8 +300,10 @@ def test_terminal_bar_fields_and_summary_table(tmp_path):
     for text in ("tiny/test-model", "float32", "100 train, 10 eval"):
         assert text in out
     # the bar's last rendering shows every field
-    for text in ("25/25", "loss 1.2345", "lr 1.00e-04", "tok/s 812", "eval 0.7500", "gpu 2.50 GiB", "eta 0:00:00"):
+    for text in ("25/25", "step loss 1.2345 (smoothed 1.2345)", "lr 1.00e-04", "tok/s 812", "eval 0.7500",
+                 "gpu 2.50 GiB", "eta 0:00:00 elapsed 0:00:"):
         assert text in out
+    assert not any(line.startswith("step ") for line in out.splitlines())  # no plain lines under the bar
     assert "eval before training: eval_loss 2.2500" in out
     assert "eval step 20/25: eval_loss 0.7500" in out
     assert "sample before training" in out and "sample after training" in out

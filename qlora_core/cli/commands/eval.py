@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 HELP = "evaluate a run: held-out loss, perplexity and exact match before and after training"
 
@@ -64,10 +65,12 @@ def print_table(result: dict, console=None) -> None:
 def main(args: argparse.Namespace) -> int:
     from qlora_core.tools.evaluation import evaluate_run
 
-    progress = None
-    if sys.stderr.isatty():
-        def progress(message: str) -> None:
-            print(f"qlora eval: {message}...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        # On stderr, piped or not, so the result on stdout (a table or --json) stays clean.
+        spent = int(time.monotonic() - started)
+        print(f"qlora eval: [{spent // 60}:{spent % 60:02d}] {message}...", file=sys.stderr, flush=True)
 
     if args.max_samples is not None and args.max_samples != -1 and args.max_samples < 1:
         from qlora_core.framework.errors import UsageError
