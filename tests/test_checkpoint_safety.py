@@ -26,7 +26,8 @@ import torch
 
 from qlora_core import Job, cli
 from qlora_core.loop.checkpoint import (MANIFEST, checkpoint_dirs, load_checkpoint, rng_from_json, rng_state,
-                                        rng_to_json, set_rng_state, verify_checkpoint, write_manifest)
+                                        rng_to_json, set_aside, set_rng_state, verify_checkpoint,
+                                        write_manifest)
 from qlora_core.testing import TINY_ROWS, write_jsonl
 from conftest import INTERRUPTER, assert_same_losses
 
@@ -154,6 +155,18 @@ def test_a_torn_optimizer_file_falls_back_to_the_previous_checkpoint(runs, run_c
     # Set aside, not deleted, and not taken for a checkpoint again.
     assert (run_copy / "checkpoints" / ".step-0000003.refused" / "optimizer.pt").stat().st_size == size // 2
     assert_same_losses(runs[0], run_copy)
+
+
+def test_a_checkpoint_set_aside_twice_for_one_step_keeps_both(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for n in (1, 2, 3):
+        (ckpts / "step-0000003").mkdir(parents=True)
+        (ckpts / "step-0000003" / "optimizer.pt").write_text(f"torn {n}")
+        set_aside(ckpts / "step-0000003")
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        ".step-0000003.refused", ".step-0000003.refused-2", ".step-0000003.refused-3"]
+    assert (ckpts / ".step-0000003.refused-3" / "optimizer.pt").read_text() == "torn 3"
+    assert checkpoint_dirs(tmp_path) == []
 
 
 def test_an_edited_adapter_byte_falls_back_to_the_previous_checkpoint(runs, run_copy):

@@ -121,6 +121,19 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def set_aside(path: Path) -> Path:
+    """Rename the checkpoint folder ``path`` out of the checkpoints' names, to ``.NAME.refused`` (then
+    ``.NAME.refused-2`` and on, when a checkpoint of that step was set aside before), and return the new path.
+    Nothing is deleted: the files stay for a person to look at."""
+    target = path.with_name(f".{path.name}.refused")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f".{path.name}.refused-{n}")
+    path.rename(target)
+    return target
+
+
 def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint of ``run_dir`` whose files match its manifest, and one notice line for each newer
     one that was passed over (naming the file that differs).

@@ -132,7 +132,7 @@ class Trainer:
         from transformers import get_scheduler
 
         from qlora_core.loop.checkpoint import (checkpoint_dirs, latest_checkpoint, load_adapter_weights,
-                                                load_checkpoint, resumable_checkpoint)
+                                                load_checkpoint, resumable_checkpoint, set_aside)
 
         cfg = self.config
         ckpt, passed_over = None, []
@@ -151,7 +151,7 @@ class Trainer:
                 # resume nor train.save_total_limit's pruning takes them for checkpoints of this run.
                 for newer in checkpoint_dirs(out):
                     if newer.name > ckpt.name:
-                        newer.rename(newer.with_name(f".{newer.name}.refused"))
+                        set_aside(newer)
             load_adapter_weights(ckpt, self.job.model)  # before a plugin shards the model
         model = self.hook.qlora_distribute_model(model=self.job.model, accelerator=accelerator, config=cfg)
         self.job.distributed_by_plugin = model is not None
