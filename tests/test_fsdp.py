@@ -152,7 +152,7 @@ def _run_args(**given) -> argparse.Namespace:
 def test_the_launcher_forwards_the_arguments_to_torchrun():
     cmd = launch_command(_run_args(config="c.yaml", plugin=["fsdp", "adamw"], overrides=["lora.r=8"],
                                    overwrite=True), "runs/x")
-    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert cmd[:6] == [sys.executable, "-m", "qlora_core.cli.launch", "--standalone", "--nproc-per-node=2", "-m"]
     assert cmd[6:] == ["qlora_core", "run", "c.yaml", "--plugin", "fsdp", "--plugin", "adamw", "--set", "lora.r=8",
                        "--output", "runs/x", "--overwrite"]
     resume = launch_command(_run_args(resume="runs/x", overrides=["train.max_steps=9"]), None)
@@ -268,6 +268,38 @@ def test_two_processes_under_ddp_train_as_one_process_does(fsdp_config, tmp_path
     got, expected = losses(two), losses(one)
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in expected]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in expected], rel=1e-5)
+
+
+def test_a_mistake_the_workers_find_ends_in_one_error_line(fsdp_config, tmp_path):
+    """Data that only the training processes read (the launcher checks config, plugins and folder): each
+    worker stops with the same error, and the launcher prints it once, with exit code 2 and no traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "### Human: hi### Assistant: \xff\xfe"}\n')
+    cfg = copy.deepcopy(fsdp_config)
+    cfg["data"]["path"] = str(bad)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = qlora("run", str(config), "--output", str(tmp_path / "out"), "--nproc-per-node", "2", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl" in errors[0] and "UTF-8" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+
+
+def test_the_launcher_names_a_worker_that_died_without_a_word(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from qlora_core.cli import launch
+
+    failures = {0: SimpleNamespace(exitcode=2, pid=11), 1: SimpleNamespace(exitcode=-9, pid=12)}
+    assert launch._failed(failures, {0: ["error: bad data"]}) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: bad data",
+                   "error: training process 1 (pid 12) exited with code -9 (killed by SIGKILL); its output is above"]
+    assert launch._failed({1: SimpleNamespace(exitcode=1, pid=5)}, {}) == 1
+    assert launch._failed({0: SimpleNamespace(exitcode=143, pid=5), 1: SimpleNamespace(exitcode=143, pid=6)},
+                          {0: ["stopped"], 1: ["stopped"]}) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == "stopped"  # the same line from both, printed once
 
 
 def test_flat_gradients_are_all_reduced_in_their_own_buffer():

@@ -144,6 +144,37 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(c
     assert load_file(str(checkpoint_dirs(out)[-1] / "adapter" / "adapter_model.safetensors"))
 
 
+def test_sigterm_to_a_run_on_two_processes_checkpoints_says_so_once_and_the_resume_matches(config, tmp_path):
+    """``qlora run --nproc-per-node 2``: the signal reaches the launcher, which passes it to both training
+    processes; they finish the step together and write one checkpoint, the run says so in one message, and a
+    resume on two processes logs the losses of one process with the same global batch."""
+    config["lora"]["lora_dropout"] = 0.0  # the processes' dropout draws differ from one process's
+    config["train"]["max_steps"] = 6
+    single = copy.deepcopy(config)
+    single["train"]["per_device_train_batch_size"] = 4
+    reference = Job(single, plugins=["no:rich-progress"], output_dir=tmp_path / "reference").run().output_dir
+
+    out, markers = tmp_path / "cut", tmp_path / "markers"
+    proc = start([str(write_config(config, tmp_path / "c.yaml")), "--output", str(out), "--nproc-per-node", "2"],
+                 markers, QLORA_TEST_SLOW_FROM="3")
+    wait_for(markers / "step-3", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    assert err.count("interrupted by SIGTERM after step 3 of 6") == 1, err
+    assert "Traceback" not in err and "ChildFailedError" not in err and "closing signal" not in err, err
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-0000003"]
+    assert status(out)["status"] == "interrupted"
+
+    proc = subprocess.run([QLORA, "run", "--resume", str(out), "--nproc-per-node", "2"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = losses(reference), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+
+
 @pytest.mark.parametrize("length", ["steps", "epochs"])
 def test_a_finished_run_trains_on_and_matches_the_longer_run(config, tmp_path, length):
     # 16 rows, batch 2: an epoch is 8 steps.

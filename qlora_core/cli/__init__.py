@@ -75,9 +75,18 @@ def _quiet_hub_retries() -> None:
     logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 
+def _say(line: str) -> None:
+    """Print ``line`` on stderr; a worker of ``qlora run --nproc-per-node`` leaves it to the launcher, which
+    prints each distinct line once (:mod:`qlora_core.cli.launch`)."""
+    from qlora_core.cli.launch import report
+
+    if not report(line):
+        print(line, file=sys.stderr)
+
+
 def _error(message: object) -> int:
     text = " ".join(str(message).split("\n")).strip()  # one line, whatever the message holds
-    print(f"error: {text}", file=sys.stderr)
+    _say(f"error: {text}")
     return EXIT_USAGE
 
 
@@ -105,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qlora_core.loop.interrupt import Interrupted
 
         if isinstance(e, Interrupted):  # a stop signal: the run checkpointed and says how to continue
-            print(e.message(), file=sys.stderr)
+            _say(e.message())
             return e.exit_code
         print("error: interrupted", file=sys.stderr)
         return 130

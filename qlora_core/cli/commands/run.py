@@ -33,9 +33,10 @@ def under_launcher() -> bool:
 
 
 def launch_command(args: argparse.Namespace, output: str | None) -> list[str]:
-    """The torchrun command that runs this ``qlora run`` in ``args.nproc_per_node`` processes: the same
-    arguments, with the run folder fixed (every process must agree on it) and without ``--nproc-per-node``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+    """The torchrun command (through :mod:`qlora_core.cli.launch`) that runs this ``qlora run`` in
+    ``args.nproc_per_node`` processes: the same arguments, with the run folder fixed (every process must agree
+    on it) and without ``--nproc-per-node``."""
+    cmd = [sys.executable, "-m", "qlora_core.cli.launch", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
            "-m", "qlora_core", "run"]
     if args.config:
         cmd.append(args.config)
