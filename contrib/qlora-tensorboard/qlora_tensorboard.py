@@ -84,22 +84,27 @@ class TensorBoardLogger:
     @hookimpl
     def qlora_config_options(self):
         return [Option("tensorboard.log_dir", "str", None,
-                       "folder of the event files (default: RUN_DIR/tensorboard)", nullable=True),
+                       "folder of the event files, inside the run folder (default: RUN_DIR/tensorboard)",
+                       nullable=True),
                 Option("tensorboard.log_every_step", "bool", False,
                        "also write every optimizer step's own values as step/KEY")]
 
     @hookimpl
     def qlora_configure(self, config):
         configured = config["tensorboard.log_dir"]
-        if configured and Path(configured).expanduser().exists() and not Path(configured).expanduser().is_dir():
-            raise UsageError(f"tensorboard.log_dir {configured!r} is a file, not a folder; set it to a folder "
-                             f"(--set tensorboard.log_dir=DIR) or leave it out for RUN_DIR/tensorboard")
+        if not configured:
+            return
+        path = Path(configured)
+        if path.is_absolute() or configured.startswith("~") or ".." in path.parts:
+            # A run writes only into its own folder; TensorBoard pointed at the runs' parent folder shows them all.
+            raise UsageError(f"tensorboard.log_dir {configured!r} leaves the run folder; give a folder inside it, "
+                             f"relative to it (--set tensorboard.log_dir=tb), or leave it out for "
+                             f"RUN_DIR/tensorboard (`tensorboard --logdir runs` shows every run's)")
 
     # ------------------------------------------------------------------ the writer
 
     def log_dir(self, run: Any) -> Path:
-        configured = run.config["tensorboard.log_dir"]
-        return Path(configured).expanduser() if configured else Path(run.output_dir) / "tensorboard"
+        return Path(run.output_dir) / (run.config["tensorboard.log_dir"] or "tensorboard")
 
     def open(self, run: Any) -> Any:
         """The writer, created on first use with the session's hparams and the plugins list."""
@@ -147,6 +152,11 @@ class TensorBoardLogger:
 
     @hookimpl
     def qlora_on_train_start(self, run):
+        log_dir = self.log_dir(run)
+        if log_dir.exists() and not log_dir.is_dir():
+            raise UsageError(f"tensorboard.log_dir {run.config['tensorboard.log_dir']!r} is a file of the run "
+                             f"folder, not a folder; set it to another name (--set tensorboard.log_dir=tb) or leave "
+                             f"it out for RUN_DIR/tensorboard")
         if run.is_main_process:
             self.open(run)
 

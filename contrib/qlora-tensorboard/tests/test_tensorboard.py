@@ -163,11 +163,11 @@ def test_a_run_records_every_metric_its_config_plugins_and_adapter(qlora_run, tm
 
 
 def test_a_failed_run_records_its_status_and_a_resumed_one_logs_each_step_once(qlora_run, tmp_path):
-    log_dir = tmp_path / "elsewhere" / "tb"
+    log_dir = tmp_path / "run" / "logs" / "tb"
     failing = tmp_path / "fail_plugin.py"
     failing.write_text(FAILING_PLUGIN)
     with pytest.raises(RuntimeError, match="failing at step 4"):
-        qlora_run(PLUGIN, str(failing), overrides=[f"tensorboard.log_dir={log_dir}", "fail.at_step=4"],
+        qlora_run(PLUGIN, str(failing), overrides=["tensorboard.log_dir=logs/tb", "fail.at_step=4"],
                   max_steps=5, save_steps=2, output_dir=tmp_path / "run")
     run_dir = tmp_path / "run"
     assert not (run_dir / "tensorboard").exists()  # the option moved the event files
@@ -189,9 +189,13 @@ def test_a_failed_run_records_its_status_and_a_resumed_one_logs_each_step_once(q
     assert hparams_data(acc)["_hparams_/session_end_info"].session_end_info.status == Status.Value("STATUS_SUCCESS")
 
 
-def test_a_log_dir_that_is_a_file_is_a_usage_error(qlora_tiny_config, tmp_path):
-    not_a_folder = tmp_path / "events"
-    not_a_folder.write_text("")
-    with pytest.raises(UsageError, match=r"^tensorboard.log_dir '.*events' is a file, not a folder; set it to a "
+@pytest.mark.parametrize("where", ["/tmp/tb", "~/tb", "../tb", "tb/../../tb"])
+def test_a_log_dir_outside_the_run_folder_is_a_usage_error(qlora_tiny_config, where):
+    with pytest.raises(UsageError, match=r"^tensorboard.log_dir '.*' leaves the run folder; give a folder inside it"):
+        Job(qlora_tiny_config, plugins=[PLUGIN], overrides=[f"tensorboard.log_dir={where}"])
+
+
+def test_a_log_dir_that_is_a_file_of_the_run_is_a_usage_error(qlora_run, tmp_path):
+    with pytest.raises(UsageError, match=r"^tensorboard.log_dir 'config.yaml' is a file of the run folder, not a "
                                          r"folder"):
-        Job(qlora_tiny_config, plugins=[PLUGIN], overrides=[f"tensorboard.log_dir={not_a_folder}"])
+        qlora_run(PLUGIN, overrides=["tensorboard.log_dir=config.yaml"], output_dir=tmp_path / "run")
