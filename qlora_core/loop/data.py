@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from qlora_core.framework.errors import UsageError
+from qlora_core.framework.hub import offline_unless_reachable, unreachable_note
 from qlora_core.framework.types import DatasetFormat, FormattedExample
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def load_rows(path: str, split: str | None, streaming: bool = False,
             elif p.is_dir():
                 loaded = datasets.load_dataset(str(p), streaming=streaming)
             else:
+                offline_unless_reachable()  # a hub dataset: fail at once when offline, not after the retries
                 loaded = datasets.load_dataset(path, streaming=streaming)
     except Exception as e:  # datasets raises many kinds; the user needs the file, the line and the reason
         raise UsageError(_load_failure(path, p, key, e)) from None
@@ -140,7 +142,8 @@ def _load_failure(path: str, p: Path, key: str, e: BaseException) -> str:
         return (f"{key}: could not load dataset {path!r}: {_reason(e)}; check that it holds "
                 f"{layout or 'json, jsonl, csv or parquet files'}")
     return (f"{key}: {path!r} is no local file or folder, and the hub dataset of that name could not be loaded: "
-            f"{_reason(e)}; check the name (or the path), or download the dataset and point {key} at its files")
+            f"{unreachable_note(_reason(e))}; check the name (or the path), or download the dataset and point {key} "
+            f"at its files")
 
 
 def _file_problem(f: Path, key: str) -> str | None:

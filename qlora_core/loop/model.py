@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_core.framework.config import Config
 from qlora_core.framework.errors import UsageError
+from qlora_core.framework.hub import offline_unless_reachable, unreachable_note
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,8 @@ def check_local_model(config: Config, model_path: str) -> None:
         what = "is a file, not a folder" if Path(text).expanduser().exists() else "does not exist"
         raise UsageError(f"model folder {text!r} {what} (check model.name_or_path: a local folder with "
                          f"config.json and the weights, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+    if not Path(text).expanduser().is_dir():
+        offline_unless_reachable()  # a hub id: fail at once, not after half a minute of retries, when offline
 
 
 _REMOTE_CODE_WARNED: set[str] = set()
@@ -82,7 +85,7 @@ def load_tokenizer(config: Config, hook: Any, model_path: str, path: str | Path 
                                                 trust_remote_code=config["model.trust_remote_code"])
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load the tokenizer of model {config['model.name_or_path']!r}: "
-                         f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
+                         f"{unreachable_note(str(e).strip().splitlines()[0])} (check model.name_or_path)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -114,7 +117,7 @@ def load_base_model(config: Config, hook: Any, model_path: str, device: str, com
             model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, SafetensorError) as e:
         raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
-                         f"{str(e).strip().splitlines()[0]} (check model.name_or_path)") from None
+                         f"{unreachable_note(str(e).strip().splitlines()[0])} (check model.name_or_path)") from None
     hook.qlora_model_loaded(model=model, config=cfg, for_training=for_training)
     if for_training:
         hook.qlora_prepare_model(model=model, config=cfg)

@@ -125,6 +125,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_core.framework.errors import ConfigError, UsageError
+from qlora_core.framework.hub import offline_unless_reachable, unreachable_note
 from qlora_core.loop.guidance import Recommendation, guidance_notes, guidance_warnings, recommend
 
 if TYPE_CHECKING:
@@ -196,12 +197,14 @@ def load_meta_model(path: str, revision: str | None = None, trust_remote_code: b
             raise UsageError(f"model folder {path!r} does not exist (check --model / model.name_or_path)")
         if not (local / "config.json").is_file():
             raise UsageError(f"model folder {path!r} has no config.json (check --model / model.name_or_path)")
+    else:
+        offline_unless_reachable()  # a hub id: fail at once, not after half a minute of retries, when offline
     try:
         hf_config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"could not read the config of model {path!r}: {first} (check --model / "
-                         f"model.name_or_path)") from None
+        raise UsageError(f"could not read the config of model {path!r}: {unreachable_note(first)} (check "
+                         f"--model / model.name_or_path)") from None
     try:
         with init_empty_weights(include_buffers=True), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
