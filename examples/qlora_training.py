@@ -19,7 +19,11 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--data", default="embedded:secret-rules")
     parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--eval-samples", type=int, help="held-out examples evaluated (default 64 on the embedded "
+                                                           "model, else 500)")
     parser.add_argument("--output", default="runs/qlora-training")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change any config key, as qlora run --set does (repeatable)")
     args = parser.parse_args()
     small = args.model.startswith("embedded:")
 
@@ -33,7 +37,7 @@ def main() -> None:
         # Step 4: configure LoRA: r=16, alpha=2r, all linear layers.
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.05, "bias": "none"},
         # Step 1: the dataset (guanaco format: "### Human: ... ### Assistant: ..."), with a held-out split.
-        "data": {"path": args.data, "max_eval_samples": 64 if small else 500},
+        "data": {"path": args.data, "max_eval_samples": args.eval_samples or (64 if small else 500)},
         # Step 5: train with the guide's TrainingArguments.
         "train": {
             "per_device_train_batch_size": 8 if small else 4,
@@ -50,7 +54,7 @@ def main() -> None:
             "max_seq_length": 512,
         },
     }
-    job = Job(config, output_dir=args.output, overwrite=True)
+    job = Job(config, overrides=args.overrides, output_dir=args.output, overwrite=True)
 
     job.load_data()
     # Step 3: load in 4 bits, prepare for k-bit training, enable gradient checkpointing

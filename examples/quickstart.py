@@ -4,7 +4,7 @@ Steps as in the guide: load the model in 4 bits (NF4, double quantization), prep
 training, add LoRA on all linear layers, train with paged 8-bit AdamW, save the adapter, then load it
 back with plain PEFT for inference.
 
-    python examples/quickstart.py [--steps 20] [--output runs/quickstart]
+    python examples/quickstart.py [--steps 20] [--eval-samples 32] [--output runs/quickstart]
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eval-samples", type=int, default=32, help="held-out examples evaluated before and after")
     parser.add_argument("--output", default="runs/quickstart")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change any config key, as qlora run --set does (repeatable)")
     args = parser.parse_args()
 
     from qlora_core import Job
@@ -27,11 +30,12 @@ def main() -> None:
             "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
             "quant": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
             "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.05},
-            "data": {"path": "embedded:secret-rules", "max_eval_samples": 32},
+            "data": {"path": "embedded:secret-rules", "max_eval_samples": args.eval_samples},
             "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                       "max_steps": args.steps, "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 5,
                       "optim": "paged_adamw_8bit"},
         },
+        overrides=args.overrides,
         output_dir=args.output,
         overwrite=True,
     )
