@@ -27,6 +27,7 @@ import argparse
 import json
 import platform
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -96,7 +97,8 @@ def parse_variant(text: str) -> tuple[str, tuple[str, list[str], list[str]]]:
     if name in PRESETS and not spec:
         return name, PRESETS[name]
     plugins, overrides = [], []
-    for part in filter(None, spec.split(",")):
+    # Commas inside brackets belong to a list value (--set quant.skip_modules=[v_proj,layers.29]).
+    for part in filter(None, re.split(r",(?![^\[]*\])", spec)):
         flag, _, value = part.strip().partition(" ")
         if flag == "--plugin" and value:
             plugins.append(value.strip())
