@@ -14,6 +14,9 @@ def quiet_third_party_noise() -> None:
     # bitsandbytes on CPU: "Failed to load CPU gemm_4bit_forward from kernels-community" (a hub download
     # it cannot make offline; its built-in kernel is used instead).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers' bitsandbytes loading asks the kernels library for a hub kernel; offline it says it skips the
+    # publisher check ("Skipping publisher trust check for 'kernels-community/...'"), on every 4-bit load.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # PEFT imports torchao wherever it is installed (qlora-torchao brings it), in every run: torchao says it
     # cannot load its CUDA/CPU extension .so files (its pure-Python paths serve), and torch's pytree says its
     # enums are now supported natively.
