@@ -14,9 +14,11 @@ a temporary folder next to the target, which is then renamed into place in one s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -49,6 +51,9 @@ DATASETS: tuple[str, ...] = ("secret-rules",)
 
 # Written into a converted folder; its presence marks the folder complete.
 MARKER = "qlora-embedded.json"
+
+# The description of the bar that transformers' GGUF reader draws while it dequantizes (with tqdm directly).
+GGUF_BAR = "Converting and de-quantizing GGUF tensors"
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -112,15 +117,48 @@ def _convert(gguf: Path, out: Path) -> None:
         raise UsageError(f"converting the embedded model needs the gguf package: run `{INSTALL_COMMAND}`")
     from transformers.utils import logging as hf_logging
 
-    # The conversion's own line says what happens; transformers' progress bars (dequantizing, loading, writing)
-    # would spill into the first run's output.
+    # The conversion's own line says what happens; transformers' progress bars (loading, writing) would spill
+    # into the first run's output. Its GGUF reader draws its bar with tqdm itself, past that switch: that
+    # bar is held back from stderr for the conversion only.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        _convert_quietly(gguf, out)
+        with contextlib.redirect_stderr(_WithoutBar(sys.stderr, GGUF_BAR)):
+            _convert_quietly(gguf, out)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+class _WithoutBar(io.TextIOBase):
+    """A text stream that passes every write on to ``stream`` except the redraws of the tqdm bar whose
+    description contains ``desc`` (tqdm writes each redraw in one call) and the line end that closes it."""
+
+    def __init__(self, stream: Any, desc: str) -> None:
+        super().__init__()
+        self._stream, self._desc, self._after_bar = stream, desc, False
+
+    def write(self, text: str) -> int:
+        if self._desc in text:
+            self._after_bar = True
+            return len(text)
+        if self._after_bar and not text.strip("\r\n "):
+            return len(text)  # the bar's closing newline (or its clearing)
+        self._after_bar = False
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
 
 
 def _convert_quietly(gguf: Path, out: Path) -> None:
@@ -200,7 +238,7 @@ def embedded_model_path(name: str = "smollm2-135m-instruct") -> Path:
             try:
                 print(
                     f"qlora: converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in {target} "
-                    "(once, ~30 s)...",
+                    "(once, about 10 s)...",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -1,8 +1,8 @@
 """Tests of the ``embedded`` plugin: the offline default model (SmolLM2-135M-Instruct from GGUF) and dataset.
 
-The real GGUF -> safetensors conversion takes ~30 s, so it runs once for the whole file (a session-scoped
-fixture, into the user's cache, which later runs reuse); the cache logic (locking, atomic rename, clean-up) is also tested with
-a fake, instant conversion.
+The real GGUF -> safetensors conversion takes about 10 s, so it runs once for the whole file (a session-scoped
+fixture, into the user's cache, which later runs reuse) and once more into an empty cache, for what it prints; the cache
+logic (locking, atomic rename, clean-up) is also tested with a fake, instant conversion.
 """
 
 from __future__ import annotations
@@ -261,3 +261,21 @@ def test_the_conversion_shows_no_progress_bars_of_its_own(tmp_path, monkeypatch)
     embedded._convert(embedded.smollm2_gguf_path(), tmp_path)
     assert seen == [False]  # transformers' bars off while converting
     assert hf_logging.is_progress_bar_enabled()  # and back on after, for the loads of the run
+
+
+@pytest.mark.slow
+def test_a_first_conversion_prints_our_line_and_no_progress_bar(tmp_path, monkeypatch, capfd):
+    """The real conversion, into an empty cache (~10 s): transformers' GGUF reader draws its bar with tqdm
+    itself, past transformers' progress-bar switch; on stderr only our one line may say what happens."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    path = embedded.embedded_model_path()
+    err = capfd.readouterr().err
+    assert (path / embedded.MARKER).is_file()
+    assert "qlora: converting the embedded SmolLM2-135M-Instruct" in err
+    assert "Converting and de-quantizing" not in err
+    assert "%|" not in err  # no other bar either
+    assert hf_logging.is_progress_bar_enabled()  # the switch is back as it was
