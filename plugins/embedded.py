@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_core import hookimpl
-from qlora_core import UsageError
+from qlora_core import UsageError, cache_dir
 
 try:  # POSIX only; elsewhere concurrent first runs may convert twice (still safe: the rename is atomic)
     import fcntl
@@ -59,16 +59,6 @@ DATA_DIR = Path(__file__).parent / "data"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cache_dir() -> Path:
-    """The qlora cache: ``$QLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/qlora``, else ``~/.cache/qlora``."""
-    explicit = os.environ.get("QLORA_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "qlora"
 
 
 def _known(names: Any) -> str:

@@ -246,6 +246,7 @@ def qlora_on_train_start(run: "Run") -> None:
     total = _total(run)
     model = run.config["model.name_or_path"]
     steps = str(total) if total else "?"
+    train = "streamed" if run.config["data.streaming"] else run.num_train_examples
     if state.live:
         header = Table.grid(padding=(0, 2))
         header.add_column(style="dim")
@@ -253,7 +254,7 @@ def qlora_on_train_start(run: "Run") -> None:
         header.add_row("model", Text(str(model)))
         header.add_row("device", Text(f"{run.device} ({run.compute_dtype})"))
         header.add_row("steps", Text(steps))
-        header.add_row("examples", Text(f"{run.num_train_examples} train, {run.num_eval_examples} eval"))
+        header.add_row("examples", Text(f"{train} train, {run.num_eval_examples} eval"))
         header.add_row("output", Text(str(run.output_dir)))
         state.render(Panel.fit(header, title="[bold]qlora", border_style="blue"))
         state.start_bar(total, run.step)
@@ -262,7 +263,7 @@ def qlora_on_train_start(run: "Run") -> None:
     else:
         state.line(
             f"qlora: model {model} | device {run.device} ({run.compute_dtype}) | {steps} steps | "
-            f"{run.num_train_examples} train / {run.num_eval_examples} eval examples | output {run.output_dir}"
+            f"{train} train / {run.num_eval_examples} eval examples | output {run.output_dir}"
         )
 
 

@@ -26,6 +26,7 @@ from qlora_core.framework.plugins import __version__, hookimpl  # noqa: E402
 from qlora_core.framework.config import Config, Option, auto_on  # noqa: E402
 from qlora_core.framework.errors import ConfigError, PluginError, UsageError  # noqa: E402
 from qlora_core.framework.formats import ChatTemplateFormat  # noqa: E402
+from qlora_core.framework.paths import cache_dir, data_cache_dir  # noqa: E402
 from qlora_core.framework.types import DatasetFormat, FormattedExample, Run, TrainControl  # noqa: E402
 from qlora_core.loop.checkpoint import save_adapter  # noqa: E402
 from qlora_core.loop.data import IGNORE_INDEX, TokenizedExample, collate, collate_packed  # noqa: E402
@@ -58,6 +59,8 @@ __all__ = [
     # tools
     "evaluate_run", "load_trained", "generate", "format_prompt", "merge", "merge_adapter", "resolve_dtype",
     "MERGE_DTYPES", "plan", "PlanSettings", "recommend", "guidance_warnings",
+    # where converted models and prepared data are kept
+    "cache_dir", "data_cache_dir",
     # for a qlora bench variant with its own code (a plugin's "run")
     "bench_rows", "bench_step_done", "bench_memory",
     # pytest fixtures and helpers for testing plugins (imports pytest, so loaded when first used)

@@ -9,6 +9,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared datasets go to a folder of this test process, removed at its end (models stay in the user's cache).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "QLORA_DATA_CACHE" not in os.environ:
+    os.environ["QLORA_DATA_CACHE"] = tempfile.mkdtemp(prefix="qlora-test-prepared-")
+    atexit.register(shutil.rmtree, os.environ["QLORA_DATA_CACHE"], True)
 
 import pytest
 import torch

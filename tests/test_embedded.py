@@ -17,6 +17,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
+import qlora_core
 from qlora_core import hookspecs
 from qlora_core.framework.errors import UsageError
 from qlora_plugins import embedded
@@ -36,7 +37,7 @@ def plugin_manager() -> pluggy.PluginManager:
 def converted():
     """(cache dir, model folder) after the real conversion, in the cache every run uses (so the
     end-to-end test and later runs reuse it: it is converted at most once per machine)."""
-    return embedded.cache_dir(), embedded.embedded_model_path()
+    return qlora_core.cache_dir(), embedded.embedded_model_path()
 
 
 @pytest.fixture
@@ -165,12 +166,12 @@ def test_resolve_data_missing_folder_is_a_usage_error(tmp_path, monkeypatch):
 def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "q"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert embedded.cache_dir() == tmp_path / "q"
+    assert qlora_core.cache_dir() == tmp_path / "q"
     monkeypatch.delenv("QLORA_CACHE_DIR")
-    assert embedded.cache_dir() == tmp_path / "x" / "qlora"
+    assert qlora_core.cache_dir() == tmp_path / "x" / "qlora"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert embedded.cache_dir() == tmp_path / "home" / ".cache" / "qlora"
+    assert qlora_core.cache_dir() == tmp_path / "home" / ".cache" / "qlora"
 
 
 # --------------------------------------------------------------------------- the cache, with a fake conversion
@@ -229,7 +230,7 @@ def test_failed_conversion_leaves_nothing_and_stale_temps_are_cleaned(fake_gguf,
     monkeypatch.setattr(embedded, "_convert", boom)
     with pytest.raises(RuntimeError, match="boom"):
         embedded.embedded_model_path()
-    models = embedded.cache_dir() / "models"
+    models = qlora_core.cache_dir() / "models"
     assert [p for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
     # A temp folder left by a killed run is removed by the next conversion.

@@ -164,7 +164,7 @@ def test_the_formatted_held_out_rows_are_the_ones_evaluated(tiny_model_dir, data
     job.load_data()
     assert len(job.eval_formatted) == len(job.eval_examples) == 4
     again = [tokenize_example(ex, job.tokenizer, cfg["train"]["max_seq_length"]) for ex in job.eval_formatted]
-    assert again == job.eval_examples
+    assert again == list(job.eval_examples)
     assert len({ex.prompt_and_answer()[0] for ex in job.eval_formatted}) == 4
     assert job.eval_split == "train (held-out fraction 0.25)"
 

@@ -178,6 +178,16 @@ CORE_OPTIONS: tuple[Option, ...] = (
            minimum=0.0, check=lambda v: None if v < 1 else f"must be < 1 (got {v})"),
     Option("data.max_eval_samples", "int", -1, "evaluate on at most this many examples (-1: all)",
            check=_positive_or_minus_one),
+    Option("data.num_proc", "int", 0,
+           "processes that format and tokenize the data (0: one per core; fewer for small datasets)", minimum=0),
+    Option("data.cache", "bool", True,
+           "keep the prepared data on disk ($QLORA_DATA_CACHE, else the qlora cache's prepared/) and reuse it "
+           "while the data, format, tokenizer and length are unchanged"),
+    Option("data.streaming", "bool", False,
+           "read, format and tokenize the training rows as training goes instead of ahead (for datasets too big "
+           "to download whole); needs train.max_steps"),
+    Option("data.shuffle_buffer", "int", 10_000,
+           "with data.streaming: rows shuffled at a time (0: in the data's order)", minimum=0),
     # training
     Option("train.per_device_train_batch_size", "int", 4, "micro-batch size per device", exclusive_minimum=0),
     Option("train.per_device_eval_batch_size", "int", 8, "evaluation batch size per device", exclusive_minimum=0),

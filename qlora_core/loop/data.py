@@ -466,18 +466,30 @@ def packed_waste(examples: Sequence[TokenizedExample], micro_batch_size: int, ro
 
 
 def padding_waste(examples: Sequence[TokenizedExample], micro_batch_size: int) -> dict[str, Any]:
-    """What padding costs on ``examples`` taken ``micro_batch_size`` at a time, in order.
+    """What padding costs on ``examples`` taken ``micro_batch_size`` at a time, in order
+    (:func:`padding_waste_of_lengths` of their lengths)."""
+    return padding_waste_of_lengths([len(x.input_ids) for x in examples], micro_batch_size)
+
+
+def padding_waste_of_lengths(lengths: Sequence[int], micro_batch_size: int) -> dict[str, Any]:
+    """What padding costs on examples of these lengths taken ``micro_batch_size`` at a time, in order.
 
     :returns: ``real_tokens``; ``padded_tokens``, the tokens the padded path computes (each micro-batch is as
         wide as its longest example); ``padding_tokens`` and ``padding_waste``, their difference and its share
         of ``padded_tokens``; with packing, the tokens computed are the real ones and the waste is 0.
     """
+    import numpy as np
+
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1 (got {micro_batch_size})")
-    lengths = [len(x.input_ids) for x in examples]
-    real = sum(lengths)
-    padded = sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
-                 for i in range(0, len(lengths), micro_batch_size))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = int(lengths.sum())
+    padded = 0
+    if len(lengths):
+        starts = np.arange(0, len(lengths), micro_batch_size)
+        widths = np.maximum.reduceat(lengths, starts)
+        sizes = np.diff(np.append(starts, len(lengths)))
+        padded = int((widths * sizes).sum())
     return {"micro_batch_size": micro_batch_size, "examples": len(lengths), "real_tokens": real,
             "padded_tokens": padded, "padding_tokens": padded - real,
             "padding_waste": (padded - real) / padded if padded else 0.0}

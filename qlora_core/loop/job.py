@@ -7,6 +7,7 @@ plugins), the model (:mod:`.model`), the data (:mod:`.data`), batching (:mod:`.b
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -14,15 +15,20 @@ from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
 from qlora_core.loop import model as _model
 from qlora_core.loop.batching import Batching
-from qlora_core.loop.data import TokenizedExample, choose_format, tokenize_rows, training_and_eval_rows
+from qlora_core.loop.data import TokenizedExample, choose_format, load_rows, training_and_eval_rows
 from qlora_core.loop.determinism import prepare_environment
 from qlora_core.loop.loss import compute_loss
+from qlora_core.loop.prepare import Encoder, PrepareReport, StreamedExamples, prepare_examples, source_identity
 from qlora_core.loop.record import RunResult, check_output_dir
 from qlora_core.loop.setup import compute_dtype_for, pick_device, resolve, run_config_file
 from qlora_core.loop.trainer import Trainer
 
 if TYPE_CHECKING:
     import torch
+
+
+def _announce(line: str) -> None:
+    print(f"qlora: {line}", file=sys.stderr, flush=True)
 
 
 class Job:
@@ -55,12 +61,14 @@ class Job:
         self.overwrite = overwrite
         check_output_dir(output_dir, overwrite)  # refuse before spending minutes on loading
         self._model_path: str | None = None
+        self._data_paths: dict[str, str] = {}
         self.tokenizer: Any = None
         self.model: Any = None
         self.format: DatasetFormat | None = None
-        self.train_examples: list[TokenizedExample] = []
-        self.eval_examples: list[TokenizedExample] = []
-        self.eval_formatted: list[FormattedExample] = []  # the same held-out rows, as text
+        self.train_examples: Sequence[TokenizedExample] = []
+        self.eval_examples: Sequence[TokenizedExample] = []
+        self.eval_formatted: Sequence[FormattedExample] = []  # the same held-out rows, as text
+        self.data_reports: dict[str, PrepareReport] = {}  # "train" and "eval": what preparing the data gave
         self.eval_split: str | None = None  # where the held-out rows come from, for reports
         self.num_parameters = 0  # of the base model, once loaded
         self.sample: FormattedExample | None = None
@@ -92,23 +100,108 @@ class Job:
         return formats, forced
 
     def _data_path(self, path: str) -> str:
-        return self.hook.qlora_resolve_data(path=path, config=self.config) or path
+        """A configured data path as the plugins resolve it (``qlora_resolve_data``, asked once per path)."""
+        if path not in self._data_paths:
+            self._data_paths[path] = self.hook.qlora_resolve_data(path=path, config=self.config) or path
+        return self._data_paths[path]
 
-    def load_data(self) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-        """Load, format and tokenize the training and held-out data."""
+    def load_data(self) -> tuple[Sequence[TokenizedExample], Sequence[TokenizedExample]]:
+        """Load, format and tokenize the training and held-out data (:mod:`.prepare`: batched, across
+        ``data.num_proc`` processes, kept in the data cache and read from it memory-mapped)."""
         cfg = self.config
         if self.tokenizer is None:
             self.load_tokenizer()
+        if cfg["data.streaming"]:
+            return self._stream_data()
         train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path)
         formats, forced = self._formats()
         self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
-        _, self.train_examples = tokenize_rows(train_rows, self.format, self.tokenizer, cfg, "training data")
+        train_source, eval_source = self._sources(train_rows, eval_rows)
+        self.train_examples, self.data_reports["train"] = prepare_examples(
+            train_rows, self.format, self.tokenizer, cfg, "training data", train_source, announce=_announce)
         self.eval_formatted, self.eval_examples = [], []
+        self.data_reports.pop("eval", None)
         if eval_rows is not None and len(eval_rows):
-            self.eval_formatted, self.eval_examples = tokenize_rows(eval_rows, self.format, self.tokenizer, cfg,
-                                                                    "eval data")
-        self.sample = self.eval_formatted[0] if self.eval_formatted else None
+            self.eval_examples, self.data_reports["eval"] = prepare_examples(
+                eval_rows, self.format, self.tokenizer, cfg, "eval data", eval_source, keep_text=True,
+                announce=_announce)
+            self.eval_formatted = self.eval_examples.formatted()
+        self.sample = self.eval_formatted[0] if len(self.eval_formatted) else None
         return self.train_examples, self.eval_examples
+
+    def _stream_data(self) -> tuple[Sequence[TokenizedExample], Sequence[TokenizedExample]]:
+        """``data.streaming``: the training rows read as training goes (:class:`.prepare.StreamedExamples`);
+        the held-out rows are the first ``data.max_eval_samples`` (1,000 when unset) of the eval split, prepared
+        ahead."""
+        from itertools import islice
+
+        import datasets
+
+        cfg = self.config
+        if cfg["train.max_steps"] <= 0:
+            raise UsageError("data.streaming reads the rows as training goes, so the number of steps cannot come "
+                             "from train.num_train_epochs; set train.max_steps")
+        if cfg["data.eval_fraction"] > 0:
+            raise UsageError("data.eval_fraction needs every row ahead of training, which data.streaming does not "
+                             "read; set data.eval_split or data.eval_path instead (or data.eval_fraction=0)")
+        splits = load_rows(self._data_path(cfg["data.path"]), None, streaming=True)
+        if cfg["data.split"] not in splits:
+            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
+                             f"it has: {', '.join(splits)} (set data.split)")
+        train_rows = splits[cfg["data.split"]]
+        first = next(iter(train_rows.take(1)), None)
+        if first is None:
+            raise UsageError(f"dataset {cfg['data.path']!r} split {cfg['data.split']!r} has no rows")
+        formats, forced = self._formats()
+        self.format = choose_format(formats, list(first), cfg["data.format"], forced)
+        encoder = Encoder(self.format, self.tokenizer, cfg["train.max_seq_length"], cfg["data.train_on_prompt"],
+                          "training data")
+        self.train_examples = StreamedExamples(train_rows, encoder, cfg["data.shuffle_buffer"], cfg["train.seed"])
+        self.data_reports = {}
+        self.eval_formatted, self.eval_examples, self.eval_split = [], [], None
+        held = None
+        if cfg["data.eval_path"]:
+            held = load_rows(self._data_path(cfg["data.eval_path"]), None, streaming=True, key="data.eval_path")
+            split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in held), None)
+        else:
+            held = splits
+            split = cfg["data.eval_split"] or next((s for s in ("test", "validation") if s in splits
+                                                    and s != cfg["data.split"]), None)
+        if split is not None:
+            if split not in held:
+                raise UsageError(f"the eval data has no split {split!r}; it has: {', '.join(held)} "
+                                 f"(set data.eval_split)")
+            at_most = cfg["data.max_eval_samples"] if cfg["data.max_eval_samples"] > 0 else 1000
+            rows = datasets.Dataset.from_list(list(islice(iter(held[split]), at_most)))
+            if len(rows):
+                self.eval_split = split
+                self.eval_examples, self.data_reports["eval"] = prepare_examples(
+                    rows, self.format, self.tokenizer, cfg, "eval data", {}, keep_text=True, cache=False)
+                self.eval_formatted = self.eval_examples.formatted()
+        self.sample = self.eval_formatted[0] if len(self.eval_formatted) else None
+        return self.train_examples, self.eval_examples
+
+    def _sources(self, train_rows: Any, eval_rows: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What identifies the training and held-out rows for the data cache: the data's content and how the
+        rows were chosen from it."""
+        cfg = self.config
+        identities: dict[str, Any] = {}
+
+        def identity(key: str, rows: Any) -> Any:
+            path = self._data_path(cfg[key])
+            if path not in identities:
+                identities[path] = source_identity(path, rows)
+            return identities[path]
+
+        held_out = None
+        if not cfg["data.eval_path"] and not cfg["data.eval_split"] and cfg["data.eval_fraction"] > 0:
+            held_out = {"fraction": cfg["data.eval_fraction"], "seed": cfg["train.seed"]}
+        train = {"data": identity("data.path", train_rows), "split": cfg["data.split"], "held_out": held_out}
+        evals: dict[str, Any] = {}
+        if eval_rows is not None:
+            evals = {"data": identity("data.eval_path" if cfg["data.eval_path"] else "data.path", eval_rows),
+                     "split": self.eval_split, "held_out": held_out, "at_most": cfg["data.max_eval_samples"]}
+        return train, evals
 
     def load_base_model(self, for_training: bool = True) -> Any:
         """Load the base model, quantized by the quant plugin; for training, also prepared by the plugins

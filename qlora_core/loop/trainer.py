@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import Run
 from qlora_core.loop.batching import Batching
-from qlora_core.loop.data import IGNORE_INDEX, padding_waste, real_tokens
+from qlora_core.loop.data import IGNORE_INDEX, padding_waste_of_lengths, real_tokens
 from qlora_core.loop.determinism import deterministic
 from qlora_core.loop.interrupt import Interrupted, StopSignals
 from qlora_core.loop.loss import check_packed_attention, compute_loss
@@ -80,6 +80,8 @@ def _completed(run_dir: Path) -> bool:
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+#: Examples per process whose packed rows are made to measure packing's filler before training.
+FILLER_SAMPLE = 4096
 
 
 class Trainer:
@@ -218,12 +220,15 @@ class Trainer:
             if cfg["train.packing"]:
                 with self._autocast():
                     self._check_packing(model)
-            if state.step == 0:
-                # This process's micro-batches of the first epoch, in the order they will be trained on.
-                mine = self.batching.step_examples(0, len(self.job.train_examples), accelerator.process_index,
-                                                   accelerator.num_processes)
-                waste = padding_waste(mine, state.micro_batch_size)
+            if state.step == 0 and not getattr(self.job.train_examples, "streaming", False):
+                # This process's micro-batches of the first epoch, in the order they will be trained on (the
+                # packed rows' filler measured on the first FILLER_SAMPLE examples: it needs the rows made).
+                rank, world = accelerator.process_index, accelerator.num_processes
+                n = len(self.job.train_examples)
+                waste = padding_waste_of_lengths(self.batching.step_lengths(0, n, rank, world),
+                                                 state.micro_batch_size)
                 if cfg["train.packing"]:
+                    mine = self.batching.step_examples(0, min(n, FILLER_SAMPLE * world), rank, world)
                     waste["packed_filler_waste"] = self.batching.filler_waste(mine, state.micro_batch_size)
                 state.summary["padding_waste"] = waste
                 if cfg["train.packing"] or waste["padding_waste"] >= 0.2:
@@ -289,7 +294,6 @@ class Trainer:
         device = accelerator.device
         world, rank = accelerator.num_processes, accelerator.process_index
         per_step = self.batching.examples_per_step(world)
-        n = len(self.job.train_examples)
         if state.step == 0:
             self._set_mode(run, "eval")
             if self.job.eval_examples:
@@ -337,13 +341,14 @@ class Trainer:
                 self._skip_nonfinite(run, state, step, step_loss, grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            epoch_before = state.examples_seen // n
+            _, epoch_before = self.batching.epochs(state.examples_seen)
             state.examples_seen += per_step
             state.step = run.step = step
             seconds = time.perf_counter() - t0
             state.all_tokens += tokens
             norm = float(grad_norm) if grad_norm is not None else None
-            metrics = {"step": step, "epoch": round(state.examples_seen / n, 4),
+            epoch, epochs_done = self.batching.epochs(state.examples_seen)
+            metrics = {"step": step, "epoch": epoch,
                        "loss": step_loss, "learning_rate": lr,
                        "grad_norm": norm if norm is not None and math.isfinite(norm) else None,
                        "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9),
@@ -374,7 +379,6 @@ class Trainer:
                 hook.qlora_on_log(run=run, metrics=logged)
                 state.summary["train_loss"] = logged["loss"]
                 state.window = dict(_EMPTY_WINDOW)
-            epochs_done = state.examples_seen // n
             for epoch in range(epoch_before + 1, epochs_done + 1):
                 hook.qlora_on_epoch_end(run=run, epoch=epoch)
             control = run.control

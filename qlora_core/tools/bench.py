@@ -135,7 +135,7 @@ def bench_rows(args: dict[str, Any], vocab: int) -> list[list[int]]:
 
     data = make_sequences((args["warmup"] + args["steps"]) * args["batch"], args["seq"], vocab, args["seed"],
                           args.get("min_len"))
-    return [data[i] for i in epoch_order(len(data), args["seed"], 0)]
+    return [data[i] for i in epoch_order(len(data), args["seed"], 0).tolist()]
 
 
 # --------------------------------------------------------------------------- one variant (worker process)
