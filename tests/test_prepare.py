@@ -178,3 +178,28 @@ def test_no_answer_tokens_refused(tmp_path, smollm2_tokenizer):
         prep.prepare_examples(rows, FORMATS["alpaca"], smollm2_tokenizer, _config(max_seq_length=16, cache=False),
                               "training data", {})
 
+
+def test_processes_of_one_machine_prepare_once(tmp_path, qlora_tiny_model_dir):
+    """Two processes (as the ranks of a --nproc-per-node run) asking for the same data at once: one prepares,
+    the other waits for it and reads the same cache entry."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_jsonl(tmp_path / "g.jsonl", _rows("guanaco", 6000))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(qlora_tiny_model_dir)},
+                                      "data": {"path": str(data), "num_proc": 1}}))
+    env = dict(os.environ, QLORA_DATA_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-m", "qlora_core", "prepare", str(config), "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        reports.append(json.loads(out)["train"])
+    assert sorted(r["cached"] for r in reports) == [False, True]
+    assert reports[0]["path"] == reports[1]["path"]
+    assert reports[0]["kept"] == reports[1]["kept"] > 0
