@@ -337,11 +337,18 @@ def tokenizer_identity(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     rules = repr(tokenizer)
     if backend is not None:
-        rules = json.loads(backend.to_str())
-        # The truncation and padding a call last asked for are stored on the tokenizer too; they are not its own.
-        rules.pop("truncation", None)
-        rules.pop("padding", None)
-        rules = json.dumps(rules, sort_keys=True)
+        # The truncation and padding the last call asked for are kept on the tokenizer too; they are not its
+        # own (transformers sets them again on every call), so they are left out while it is written out.
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            rules = backend.to_str()
+        finally:
+            if truncation:
+                backend.enable_truncation(**truncation)
+            if padding:
+                backend.enable_padding(**padding)
     parts = [type(tokenizer).__name__, rules,
              str(getattr(tokenizer, "chat_template", None)), repr(getattr(tokenizer, "special_tokens_map", {})),
              str(getattr(tokenizer, "eos_token", None)), str(getattr(tokenizer, "bos_token", None))]
@@ -349,10 +356,8 @@ def tokenizer_identity(tokenizer: Any) -> str:
 
 
 def format_identity(fmt: DatasetFormat) -> dict[str, Any]:
-    """What identifies a dataset format's behaviour: its name, class, attributes, the version of the package it
-    comes from and the source of every module its class is built from."""
-    from importlib import metadata
-
+    """What identifies a dataset format's behaviour: its name, class, attributes, the source of every module
+    its class is built from, and the version of the package it comes from."""
     modules = {}
     for cls in type(fmt).__mro__:
         if cls is object:
@@ -362,12 +367,10 @@ def format_identity(fmt: DatasetFormat) -> dict[str, Any]:
         except (OSError, TypeError, KeyError):
             source = ""
         modules[cls.__module__] = _digest(source.encode())
-    top = type(fmt).__module__.split(".")[0]
-    versions = sorted(metadata.packages_distributions().get(top, []))
-    version = {d: metadata.version(d) for d in versions}
+    top = sys.modules.get(type(fmt).__module__.split(".")[0])
     attributes = {k: repr(v) for k, v in sorted(vars(fmt).items())} if hasattr(fmt, "__dict__") else {}
     return {"name": fmt.name, "class": f"{type(fmt).__module__}.{type(fmt).__qualname__}", "modules": modules,
-            "versions": version, "attributes": attributes}
+            "version": str(getattr(top, "__version__", "")), "attributes": attributes}
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
