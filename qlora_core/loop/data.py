@@ -26,7 +26,7 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 
 
 def load_rows(path: str, split: str | None, streaming: bool = False,
-              key: str = "data.path") -> "datasets.DatasetDict | datasets.Dataset":
+              key: str = "data.path", check_text: bool = True) -> "datasets.DatasetDict | datasets.Dataset":
     """Load a local json/jsonl/csv/parquet file or folder, or a hub dataset id, with ``datasets``.
 
     Data that cannot serve is a :class:`UsageError` naming ``key``, the file and, where it is known, the line,
@@ -37,6 +37,8 @@ def load_rows(path: str, split: str | None, streaming: bool = False,
     :param split: the split to return, or ``None`` for every split (a ``DatasetDict``).
     :param streaming: read rows lazily instead of preparing the whole dataset (to peek at a few rows).
     :param key: the config key ``path`` comes from, for messages (``data.eval_path``).
+    :param check_text: check that every text is UTF-8 (reading all of the data once); a caller that finds the
+        rows already prepared leaves it to the preparation (:func:`check_rows`).
     """
     import datasets
 
@@ -63,7 +65,7 @@ def load_rows(path: str, split: str | None, streaming: bool = False,
     except Exception as e:  # datasets raises many kinds; the user needs the file, the line and the reason
         raise UsageError(_load_failure(path, p, key, e)) from None
     if not streaming:
-        _check_loaded(loaded, path, p, key)
+        _check_loaded(loaded, path, p, key, check_text)
     if split is None:
         return loaded
     if split not in loaded:
@@ -211,7 +213,12 @@ def _json_lines_problem(f: Path, text: str, key: str) -> str | None:
     return None
 
 
-def _check_loaded(loaded: Any, path: str, p: Path, key: str) -> None:
+def check_rows(path: str, key: str = "data.path") -> None:
+    """Refuse data whose text is not UTF-8 (as :func:`load_rows` does), reading all of it once."""
+    load_rows(path, None, key=key)
+
+
+def _check_loaded(loaded: Any, path: str, p: Path, key: str, check_text: bool = True) -> None:
     """Refuse loaded data with an empty split, or with text that is not UTF-8 (pyarrow's json and csv readers
     let such bytes through; they would fail only when a row is read)."""
     import pyarrow as pa
@@ -221,6 +228,8 @@ def _check_loaded(loaded: Any, path: str, p: Path, key: str) -> None:
         if len(rows) == 0:
             raise UsageError(f"{key}: dataset {path!r}{where} has no rows; put the examples in it, or point {key} "
                              f"at other data")
+        if not check_text:
+            continue
         try:
             rows.data.table.validate(full=True)
         except pa.ArrowInvalid as e:
@@ -524,7 +533,8 @@ def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config
     return kept, out
 
 
-def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str]) -> tuple[Any, Any, str | None]:
+def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str],
+                           check_text: bool = True) -> tuple[Any, Any, str | None]:
     """The training rows and the held-out rows of a run, and where the held-out ones come from.
 
     The held-out rows are ``data.eval_path``'s split (``data.eval_split``, else test, validation or train), else
@@ -534,14 +544,14 @@ def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str]) -> tu
     :param data_path: maps a configured path to the one to load (the plugins' ``qlora_resolve_data``).
     :returns: ``(train_rows, eval_rows or None, eval_split or None)``.
     """
-    splits = load_rows(data_path(cfg["data.path"]), None)
+    splits = load_rows(data_path(cfg["data.path"]), None, check_text=check_text)
     if cfg["data.split"] not in splits:
         raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.split']!r}; "
                          f"it has: {', '.join(splits)} (set data.split)")
     train_rows = splits[cfg["data.split"]]
     eval_rows, eval_split = None, None
     if cfg["data.eval_path"]:
-        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None, key="data.eval_path")
+        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None, key="data.eval_path", check_text=check_text)
         split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
                                                None)
         if split not in eval_splits:

@@ -15,7 +15,7 @@ from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
 from qlora_core.loop import model as _model
 from qlora_core.loop.batching import Batching
-from qlora_core.loop.data import TokenizedExample, choose_format, load_rows, training_and_eval_rows
+from qlora_core.loop.data import TokenizedExample, check_rows, choose_format, load_rows, training_and_eval_rows
 from qlora_core.loop.determinism import prepare_environment
 from qlora_core.loop.loss import compute_loss
 from qlora_core.loop.prepare import Encoder, PrepareReport, StreamedExamples, prepare_examples, source_identity
@@ -113,18 +113,28 @@ class Job:
             self.load_tokenizer()
         if cfg["data.streaming"]:
             return self._stream_data()
-        train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path)
+        # The rows' text is checked (a read of all of it) only when they are prepared, not when the data cache
+        # has them: a cached run of a million rows then reads only the examples its steps need.
+        train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path, check_text=False)
+        checked: set[str] = set()
+
+        def check(key: str) -> None:
+            if cfg[key] and key not in checked:
+                check_rows(self._data_path(cfg[key]), key)
+                checked.add(key)
+
         formats, forced = self._formats()
         self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
         train_source, eval_source = self._sources(train_rows, eval_rows)
         self.train_examples, self.data_reports["train"] = prepare_examples(
-            train_rows, self.format, self.tokenizer, cfg, "training data", train_source, announce=_announce)
+            train_rows, self.format, self.tokenizer, cfg, "training data", train_source, announce=_announce,
+            before=lambda: check("data.path"))
         self.eval_formatted, self.eval_examples = [], []
         self.data_reports.pop("eval", None)
         if eval_rows is not None and len(eval_rows):
             self.eval_examples, self.data_reports["eval"] = prepare_examples(
                 eval_rows, self.format, self.tokenizer, cfg, "eval data", eval_source, keep_text=True,
-                announce=_announce)
+                announce=_announce, before=lambda: check("data.eval_path" if cfg["data.eval_path"] else "data.path"))
             self.eval_formatted = self.eval_examples.formatted()
         self.sample = self.eval_formatted[0] if len(self.eval_formatted) else None
         return self.train_examples, self.eval_examples
