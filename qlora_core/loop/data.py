@@ -506,7 +506,10 @@ def padding_waste_of_lengths(lengths: Sequence[int], micro_batch_size: int) -> d
 
 def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config",
                   what: str) -> tuple[list[FormattedExample], list[TokenizedExample]]:
-    """Format and tokenize every row; rows that end up with no answer tokens are dropped.
+    """Format and tokenize every row, one at a time; rows that end up with no answer tokens are dropped.
+
+    The definition of a run's examples: :func:`qlora_core.loop.prepare.prepare_examples` makes the same ones in
+    batches, in parallel and cached, and is tested against this.
 
     :returns: the kept rows, formatted and tokenized, in the same order.
     """

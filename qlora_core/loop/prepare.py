@@ -618,10 +618,16 @@ class _progress:
         if self.total < REPORT_ROWS or not sys.stderr.isatty():
             return lambda n: None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
 
         self.bar = Progress(TextColumn("preparing {task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("rows"), _RateColumn(), TimeElapsedColumn(),
+                            TextColumn("rows"), Rate(), TimeElapsedColumn(),
                             console=Console(stderr=True), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.what, total=self.total)
@@ -630,20 +636,6 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-class _RateColumn:
-    """Rows per second (made a rich column when first used, so importing this module does not import rich)."""
-
-    def __new__(cls) -> Any:
-        from rich.progress import ProgressColumn
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task: Any) -> Text:
-                return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
-
-        return Rate()
 
 
 # --------------------------------------------------------------------------- streamed data
