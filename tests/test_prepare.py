@@ -203,3 +203,26 @@ def test_processes_of_one_machine_prepare_once(tmp_path, qlora_tiny_model_dir):
     assert sorted(r["cached"] for r in reports) == [False, True]
     assert reports[0]["path"] == reports[1]["path"]
     assert reports[0]["kept"] == reports[1]["kept"] > 0
+
+
+def test_text_is_checked_once_per_content(tmp_path, qlora_tiny_model_dir, monkeypatch):
+    """A run reads all of the data to check its text only for content no earlier run checked: the second run
+    on the same file skips it, and a changed file is checked again."""
+    from qlora_core import Job
+    from qlora_core.loop import data as data_module
+
+    monkeypatch.setenv("QLORA_DATA_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "g.jsonl", _rows("guanaco", 50))
+    checks = []
+    real = data_module._check_loaded
+    monkeypatch.setattr(data_module, "_check_loaded",
+                        lambda loaded, path, p, key, check_text=True: (checks.append(check_text),
+                                                                        real(loaded, path, p, key, check_text)))
+    config = {"model": {"name_or_path": str(qlora_tiny_model_dir)}, "data": {"path": str(path)}}
+    for _ in range(2):
+        Job(config).load_data()
+    rows = _rows("guanaco", 50)
+    rows[0]["text"] += " changed"
+    write_jsonl(path, rows)
+    Job(config).load_data()
+    assert checks == [True, False, True]

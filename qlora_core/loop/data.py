@@ -37,8 +37,8 @@ def load_rows(path: str, split: str | None, streaming: bool = False,
     :param split: the split to return, or ``None`` for every split (a ``DatasetDict``).
     :param streaming: read rows lazily instead of preparing the whole dataset (to peek at a few rows).
     :param key: the config key ``path`` comes from, for messages (``data.eval_path``).
-    :param check_text: check that every text is UTF-8 (reading all of the data once); a caller that finds the
-        rows already prepared leaves it to the preparation (:func:`check_rows`).
+    :param check_text: check that every text is UTF-8 (reading all of the data once); a caller that knows this
+        content was checked before leaves it out.
     """
     import datasets
 
@@ -211,11 +211,6 @@ def _json_lines_problem(f: Path, text: str, key: str) -> str | None:
             return (f'{f} line {n} is {_json_kind(obj)}, not an object of fields (such as {{"text": ...}}); make '
                     f"every line one JSON object")
     return None
-
-
-def check_rows(path: str, key: str = "data.path") -> None:
-    """Refuse data whose text is not UTF-8 (as :func:`load_rows` does), reading all of it once."""
-    load_rows(path, None, key=key)
 
 
 def _check_loaded(loaded: Any, path: str, p: Path, key: str, check_text: bool = True) -> None:

@@ -15,10 +15,11 @@ from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
 from qlora_core.loop import model as _model
 from qlora_core.loop.batching import Batching
-from qlora_core.loop.data import TokenizedExample, check_rows, choose_format, load_rows, training_and_eval_rows
+from qlora_core.loop.data import TokenizedExample, choose_format, load_rows, training_and_eval_rows
 from qlora_core.loop.determinism import prepare_environment
 from qlora_core.loop.loss import compute_loss
-from qlora_core.loop.prepare import Encoder, PrepareReport, StreamedExamples, prepare_examples, source_identity
+from qlora_core.loop.prepare import (Encoder, PrepareReport, StreamedExamples, mark_text_checked, prepare_examples,
+                                     source_identity, text_checked)
 from qlora_core.loop.record import RunResult, check_output_dir
 from qlora_core.loop.setup import compute_dtype_for, pick_device, resolve, run_config_file
 from qlora_core.loop.trainer import Trainer
@@ -62,6 +63,7 @@ class Job:
         check_output_dir(output_dir, overwrite)  # refuse before spending minutes on loading
         self._model_path: str | None = None
         self._data_paths: dict[str, str] = {}
+        self._identities: dict[str, Any] = {}
         self.tokenizer: Any = None
         self.model: Any = None
         self.format: DatasetFormat | None = None
@@ -113,28 +115,25 @@ class Job:
             self.load_tokenizer()
         if cfg["data.streaming"]:
             return self._stream_data()
-        # The rows' text is checked (a read of all of it) only when they are prepared, not when the data cache
-        # has them: a cached run of a million rows then reads only the examples its steps need.
-        train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path, check_text=False)
-        checked: set[str] = set()
-
-        def check(key: str) -> None:
-            if cfg[key] and key not in checked:
-                check_rows(self._data_path(cfg[key]), key)
-                checked.add(key)
-
+        # Checking the rows' text reads all of them; data whose content an earlier run checked is not read
+        # again, so a cached run of a million rows reads only the examples its steps need.
+        keys = [k for k in ("data.path", "data.eval_path") if cfg[k]]
+        known = cfg["data.cache"] and all(text_checked(self._identity(k)) for k in keys)
+        train_rows, eval_rows, self.eval_split = training_and_eval_rows(cfg, self._data_path, check_text=not known)
+        if cfg["data.cache"] and not known:
+            for k in keys:
+                mark_text_checked(self._identity(k))
         formats, forced = self._formats()
         self.format = choose_format(formats, list(train_rows.column_names), cfg["data.format"], forced)
         train_source, eval_source = self._sources(train_rows, eval_rows)
         self.train_examples, self.data_reports["train"] = prepare_examples(
-            train_rows, self.format, self.tokenizer, cfg, "training data", train_source, announce=_announce,
-            before=lambda: check("data.path"))
+            train_rows, self.format, self.tokenizer, cfg, "training data", train_source, announce=_announce)
         self.eval_formatted, self.eval_examples = [], []
         self.data_reports.pop("eval", None)
         if eval_rows is not None and len(eval_rows):
             self.eval_examples, self.data_reports["eval"] = prepare_examples(
                 eval_rows, self.format, self.tokenizer, cfg, "eval data", eval_source, keep_text=True,
-                announce=_announce, before=lambda: check("data.eval_path" if cfg["data.eval_path"] else "data.path"))
+                announce=_announce)
             self.eval_formatted = self.eval_examples.formatted()
         self.sample = self.eval_formatted[0] if len(self.eval_formatted) else None
         return self.train_examples, self.eval_examples
@@ -191,18 +190,19 @@ class Job:
         self.sample = self.eval_formatted[0] if len(self.eval_formatted) else None
         return self.train_examples, self.eval_examples
 
+    def _identity(self, key: str, rows: Any = None) -> dict[str, Any]:
+        """What identifies the content of the data a config key names (:func:`.prepare.source_identity`),
+        computed once per path: local files are read for their digests."""
+        path = self._data_path(self.config[key])
+        if path not in self._identities or ("files" not in self._identities[path] and rows is not None):
+            self._identities[path] = source_identity(path, rows)
+        return self._identities[path]
+
     def _sources(self, train_rows: Any, eval_rows: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """What identifies the training and held-out rows for the data cache: the data's content and how the
         rows were chosen from it."""
         cfg = self.config
-        identities: dict[str, Any] = {}
-
-        def identity(key: str, rows: Any) -> Any:
-            path = self._data_path(cfg[key])
-            if path not in identities:
-                identities[path] = source_identity(path, rows)
-            return identities[path]
-
+        identity = self._identity
         held_out = None
         if not cfg["data.eval_path"] and not cfg["data.eval_split"] and cfg["data.eval_fraction"] > 0:
             held_out = {"fraction": cfg["data.eval_fraction"], "seed": cfg["train.seed"]}

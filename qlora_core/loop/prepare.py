@@ -331,6 +331,28 @@ def source_identity(path: str, rows: Any) -> dict[str, Any]:
     return {"hub": path, "arrow": cache_files}
 
 
+def _checked_marker(identity: Mapping[str, Any]) -> Path:
+    return data_cache_dir() / "checked" / _digest(json.dumps(identity, sort_keys=True).encode())
+
+
+def text_checked(identity: Mapping[str, Any]) -> bool:
+    """Whether data of this content (:func:`source_identity` of local files) was read whole and found to be
+    valid text by an earlier run (:func:`mark_text_checked`): a run then need not read it all again."""
+    return "files" in identity and _checked_marker(identity).is_file()
+
+
+def mark_text_checked(identity: Mapping[str, Any]) -> None:
+    """Record that data of this content was checked (local files only; nothing when the cache is not writable)."""
+    if "files" not in identity:
+        return
+    marker = _checked_marker(identity)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
+
+
 def tokenizer_identity(tokenizer: Any) -> str:
     """A digest of what tokenizing and formatting read from the tokenizer: its vocabulary, rules and special
     tokens (``tokenizer.json``), its chat template and its special tokens."""
@@ -398,8 +420,8 @@ def processes_for(rows: int, wanted: int) -> int:
 
 def prepare_examples(rows: "datasets.Dataset", fmt: DatasetFormat, tokenizer: Any, config: "Config", what: str,
                      source: Mapping[str, Any], keep_text: bool = False,
-                     announce: Callable[[str], None] | None = None, cache: bool | None = None,
-                     before: Callable[[], None] | None = None) -> tuple[PreparedExamples, PrepareReport]:
+                     announce: Callable[[str], None] | None = None,
+                     cache: bool | None = None) -> tuple[PreparedExamples, PrepareReport]:
     """Format, tokenize and mask ``rows``; from the cache when it has them.
 
     :param source: what identifies the rows (:func:`source_identity` plus how they were selected), part of the
@@ -409,8 +431,6 @@ def prepare_examples(rows: "datasets.Dataset", fmt: DatasetFormat, tokenizer: An
         :data:`REPORT_ROWS` rows.
     :param cache: whether to use the data cache (default: ``data.cache``); rows taken from a stream are not
         cached, having no content to key them by but themselves.
-    :param before: called before preparing (not when the cache has the examples): checks that read every row,
-        such as :func:`~qlora_core.loop.data.check_rows`, which a cached run need not repeat.
     :raises UsageError: a row that does not fit the format (naming it), no row with an answer token, or a cache
         folder that cannot be written.
     """
@@ -436,12 +456,8 @@ def prepare_examples(rows: "datasets.Dataset", fmt: DatasetFormat, tokenizer: An
                 examples, report = found
                 report.cached = True
             else:
-                if before is not None:
-                    before()
                 examples, report = _prepare_into(rows, encoder, procs, root, key, what)
     else:
-        if before is not None:
-            before()
         examples, report = _prepare_into(rows, encoder, procs, None, key, what)
     if not len(examples):
         raise UsageError(f"{what}: no row has answer tokens within train.max_seq_length={max_len} "
