@@ -296,6 +296,10 @@ def test_the_launcher_names_a_worker_that_died_without_a_word(monkeypatch, capsy
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: bad data",
                    "error: training process 1 (pid 12) exited with code -9 (killed by SIGKILL); its output is above"]
+    # One worker's error, the other stopped by the agent (SIGTERM) before it said anything: the error alone.
+    assert launch._failed({0: SimpleNamespace(exitcode=-15, pid=7), 1: SimpleNamespace(exitcode=2, pid=8)},
+                          {1: ["error: bad data"]}) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: bad data"]
     assert launch._failed({1: SimpleNamespace(exitcode=1, pid=5)}, {}) == 1
     assert launch._failed({0: SimpleNamespace(exitcode=143, pid=5), 1: SimpleNamespace(exitcode=143, pid=6)},
                           {0: ["stopped"], 1: ["stopped"]}) == 143

@@ -63,11 +63,14 @@ def _failed(failures: dict, reports: dict[int, list[str]]) -> int:
     """Print what the failed workers reported, and a line for each that reported nothing; the exit code."""
     _print_once(reports)
     codes = []
+    # When one worker fails, the agent stops the others with SIGTERM: one stopped before it could say anything
+    # is not news beside the other's report.
+    stopped_by_agent = -int(signal.SIGTERM)
     for rank in sorted(failures):
         failure = failures[rank]
         code = int(failure.exitcode)
         codes.append(code)
-        if rank not in reports:
+        if rank not in reports and not (code == stopped_by_agent and reports):
             print(f"error: training process {rank} (pid {failure.pid}) exited with code {code}{_signal_name(code)}; "
                   f"its output is above", file=sys.stderr)
     reported = [c for r, c in zip(sorted(failures), codes) if r in reports and c > 0]
