@@ -321,3 +321,67 @@ def test_flat_gradients_are_all_reduced_in_their_own_buffer():
     assert _one_buffer(grads) is flat.params[0].grad
     assert _one_buffer(grads[:2]) is None  # part of the buffer
     assert _one_buffer([torch.zeros(4, 8), torch.zeros(8, 4)]) is None  # separate tensors
+
+
+_DEQUANTIZE = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from types import SimpleNamespace
+from accelerate import PartialState
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
+from qlora_core import Job
+
+PartialState(cpu=True)
+cfg, plugins, out = json.load(open(sys.argv[1])), sys.argv[2].split(","), sys.argv[3]
+job = Job(cfg, plugins=plugins, output_dir=out + "/run")
+model = job.load_model()
+loaded = sum(t.numel() * t.element_size() for t in model.parameters() if t.device.type != "meta")
+wrapped = job.hook.qlora_distribute_model(model=model, accelerator=SimpleNamespace(device=torch.device("cpu")),
+                                          config=job.config)
+dense = {}
+with FullyShardedDataParallel.summon_full_params(wrapped):
+    for name, module in wrapped.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            key = name.replace("_fsdp_wrapped_module.", "")
+            dense[key] = bnbf.dequantize_4bit(module.weight.data, module.quant_state).clone()
+torch.save({"dense": dense, "loaded_bytes": loaded}, f"{out}/rank{dist.get_rank()}.pt")
+"""
+
+
+@pytest.mark.parametrize("plugins", ["fsdp", "fsdp,random-weights"])
+def test_low_memory_loading_gives_every_process_the_one_process_4bit_weights(fsdp_config, tmp_path, plugins):
+    """Under two processes process 0 alone loads and quantizes (a checkpoint, or random-weights' build); process
+    1 builds on the meta device and holds no weights until FSDP hands it its shard. After wrapping, every
+    process's dequantized 4-bit weights (gathered with summon_full_params) equal a one-process load's exactly:
+    the quantization state crossed bit for bit."""
+    script = tmp_path / "dequantize.py"
+    script.write_text(_DEQUANTIZE)
+    cfg = copy.deepcopy(fsdp_config)
+    if "random-weights" in plugins:
+        folder = tmp_path / "shape"
+        shutil.copytree(cfg["model"]["name_or_path"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        cfg["model"]["name_or_path"] = str(folder)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        out.mkdir()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                               str(script), str(tmp_path / "cfg.json"), plugins, str(out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[n] = [torch.load(out / f"rank{r}.pt") for r in range(n)]
+    one = results[1][0]
+    assert len(one["dense"]) == 2 * 7
+    for rank, got in enumerate(results[2]):
+        assert sorted(got["dense"]) == sorted(one["dense"])
+        for key, value in one["dense"].items():
+            assert torch.equal(got["dense"][key], value), (rank, key)
+    assert results[2][0]["loaded_bytes"] == one["loaded_bytes"]  # process 0 loaded the whole model
+    assert results[2][1]["loaded_bytes"] < one["loaded_bytes"] / 50  # process 1: the adapters, nothing else
