@@ -120,22 +120,35 @@ def _meta_model(name_or_path: str, kwargs: dict[str, Any]):
         return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=remote)
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(wrapper=True)
 def qlora_load_base_model(name_or_path, kwargs, config):
     """Resolve ``quant.skip_modules`` against the model's module names before the weights are read, and hand
-    transformers the matching layers' full names with its default skips; the model itself is loaded by the next
-    implementation or by transformers (this one returns ``None``)."""
+    transformers the matching layers' full names with its default skips. Around the other loaders: when none
+    made the model and the kwargs carry ``quantize_device``, a local safetensors checkpoint is loaded one tensor
+    at a time, quantized there and kept on ``device_map``'s device (:func:`qlora_plugins.quant_load.load_streamed`);
+    otherwise transformers loads it."""
     quant = kwargs.get("quantization_config")
+    in_4bit = getattr(quant, "load_in_4bit", False) and hasattr(quant, "llm_int8_skip_modules")
     patterns = skip_patterns(config)
-    if not patterns or not getattr(quant, "load_in_4bit", False) or not hasattr(quant, "llm_int8_skip_modules"):
-        return None
-    meta = _meta_model(name_or_path, kwargs)
-    names = skipped_linears(meta, patterns, config["model.name_or_path"])
-    # Full names match themselves alone under transformers' rule (4.x: equal names; 5.x: a prefix up to a dot or
-    # a suffix), and a list replaces transformers' defaults: they are added back.
-    quant.llm_int8_skip_modules = sorted(set(names) | default_skips(meta))
-    del meta
-    return None
+    meta = None
+    if patterns and in_4bit:
+        meta = _meta_model(name_or_path, kwargs)
+        names = skipped_linears(meta, patterns, config["model.name_or_path"])
+        # Full names match themselves alone under transformers' rule (4.x: equal names; 5.x: a prefix up to a dot
+        # or a suffix), and a list replaces transformers' defaults: they are added back.
+        quant.llm_int8_skip_modules = sorted(set(names) | default_skips(meta))
+    model = yield
+    if model is None and in_4bit and kwargs.get("quantize_device") is not None:
+        from qlora_plugins.quant_load import load_streamed
+
+        if quant.llm_int8_skip_modules is None:
+            meta = meta if meta is not None else _meta_model(name_or_path, kwargs)
+            skips = default_skips(meta)
+        else:
+            skips = set(quant.llm_int8_skip_modules)
+        del meta
+        model = load_streamed(name_or_path, kwargs, skips)
+    return model
 
 
 def check_skipped(model, config) -> None:

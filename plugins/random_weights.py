@@ -6,7 +6,9 @@ shape builds in seconds on the GPU, where its bf16 checkpoint (140 GB) would not
 only ``config.json`` and a tokenizer. Quantization follows the quant plugin's ``quantization_config`` (type,
 double quantization, storage dtype: FSDP's bf16 storage too); without one, every weight is drawn in the compute
 dtype. The weights are drawn on the device from ``random_weights.seed`` (0 by default), so every process of a
-distributed run, and a later ``Job.from_run`` for evaluation or generation, builds the same model.
+distributed run, and a later ``Job.from_run`` for evaluation or generation, builds the same model. Where the
+model is to live in CPU memory (``fsdp``: process 0 of several, or ``fsdp.cpu_offload``), the loader's
+``quantize_device`` is where the weights are drawn and quantized, so it builds the same model as on that GPU.
 
     qlora run config.yaml --plugin random-weights
 """
@@ -39,17 +41,20 @@ def qlora_load_base_model(name_or_path, kwargs, config):
         opts = {"quant_type": quant.bnb_4bit_quant_type, "double_quant": quant.bnb_4bit_use_double_quant,
                 "quant_storage": quant.bnb_4bit_quant_storage}
     return build_direct(folder, str(device), kwargs["dtype"], seed=config["random_weights.seed"],
-                        load_in_4bit=load_in_4bit, **opts)
+                        load_in_4bit=load_in_4bit, draw_device=kwargs.get("quantize_device"), **opts)
 
 
 def build_direct(model_dir: Path | str, device: str, compute_dtype, quant_type: str = "nf4",
-                 double_quant: bool = True, seed: int = 0, quant_storage=None, load_in_4bit: bool = True):
+                 double_quant: bool = True, seed: int = 0, quant_storage=None, load_in_4bit: bool = True,
+                 draw_device: str | None = None):
     """The model of ``model_dir``'s config with random weights, its linear layers (not the head) in 4 bits.
 
     The model is made on the meta device; every linear layer but the output head becomes a bitsandbytes
     ``Linear4bit`` quantized from random weights drawn on the device one layer at a time (one layer's weight in
     ``compute_dtype`` is all that is ever unquantized); embeddings, norms and the head are drawn in
-    ``compute_dtype``. Marked ``is_loaded_in_4bit`` as transformers' loader does, so PEFT treats it as the
+    ``compute_dtype``. With ``draw_device`` (a GPU, for a model kept in CPU memory) every weight is drawn and
+    quantized there and then moved to ``device``, the quantization states staying on ``draw_device``: the same
+    values as a build on ``draw_device``, at its speed. Marked ``is_loaded_in_4bit`` as transformers' loader does, so PEFT treats it as the
     quantized model it is. With ``load_in_4bit=False`` every weight is drawn in ``compute_dtype`` (the
     unquantized reference).
     """
@@ -62,6 +67,8 @@ def build_direct(model_dir: Path | str, device: str, compute_dtype, quant_type: 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    keep = torch.device(device)
+    device = str(draw_device or device)
     gen = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     head = model.get_output_embeddings()
@@ -78,8 +85,10 @@ def build_direct(model_dir: Path | str, device: str, compute_dtype, quant_type: 
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type,
                                      quant_storage=storage, module=q).to(device)  # .to() quantizes
         del w
+        if q.weight.device != keep:
+            q.weight.data = q.weight.data.to(keep)  # the packed bytes alone: the state stays where it was made
         if module.bias is not None:
-            q.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=compute_dtype, device=device),
+            q.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=compute_dtype, device=keep),
                                         requires_grad=False)
         setattr(parent, child, q)
     # The parameters still on the meta device: embeddings, norms, head (tied ones once).
@@ -94,12 +103,12 @@ def build_direct(model_dir: Path | str, device: str, compute_dtype, quant_type: 
                     data.fill_(1.0)
                 else:
                     data.normal_(0.0, std, generator=gen)
-                done[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                done[id(p)] = torch.nn.Parameter(data.to(keep), requires_grad=p.requires_grad)
             setattr(module, pname, done[id(p)])
     for module in model.modules():
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None:
-                module._buffers[bname] = b.to(device)
+                module._buffers[bname] = b.to(keep)
     if getattr(config, "tie_word_embeddings", False) and head is not None:
         head.weight = model.get_input_embeddings().weight
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]

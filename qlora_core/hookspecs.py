@@ -172,6 +172,12 @@ def qlora_load_base_model(name_or_path: str, kwargs: "dict[str, Any]", config: "
     :param config: the config.
     :returns: the model, on its device and quantized as ``kwargs`` ask, or ``None`` to let transformers load it.
 
+    ``kwargs`` may hold ``quantize_device`` (set by a ``qlora_model_load_kwargs`` plugin, such as ``fsdp`` when
+    the weights are to live in CPU memory): a loader that can should quantize each weight there (a GPU, where
+    quantizing is fast) and then keep it on ``device_map``'s device. Transformers' own loader never sees it; it
+    quantizes where it puts the weights. The built-in quant plugin (``nf4``) loads a local safetensors
+    checkpoint that way, one tensor at a time.
+
     The first non-None result wins. The built-in ``random-weights`` plugin builds the architecture of the
     folder's ``config.json`` with random weights, straight into 4 bits (benchmarks of any shape, no download).
     """
@@ -561,8 +567,9 @@ def qlora_on_train_end(run: "Run", summary: "dict[str, Any]") -> None:
     :param summary: ``steps``, ``train_loss`` (last logged), ``first_loss``, ``eval_loss_before``,
         ``eval_loss_after``, ``train_seconds``, ``tokens_per_second`` and, on a GPU, ``peak_gpu_memory_gib``
         (training's peak, the largest over the processes) and ``peak_gpu_memory_loading_gib`` (before the first
-        step: loading, and the evaluation and sample before training; under FSDP each GPU holds the whole model
-        until it is sharded).
+        step: loading, and the evaluation and sample before training), and everywhere ``peak_cpu_memory_gib``
+        and ``peak_cpu_memory_loading_gib``: the resident-memory peaks of a machine's processes, each process's
+        own peak summed (an upper bound of the machine's), the largest over the machines.
     :returns: nothing.
 
     Every plugin's implementation is called.

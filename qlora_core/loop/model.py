@@ -114,7 +114,9 @@ def load_base_model(config: Config, hook: Any, model_path: str, device: str, com
     try:
         model = hook.qlora_load_base_model(name_or_path=model_path, kwargs=kwargs, config=cfg)
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+            # quantize_device is for the loaders of the plugins: transformers quantizes where it puts the weights
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, **{k: v for k, v in kwargs.items() if k != "quantize_device"})
     except (OSError, SafetensorError) as e:
         raise UsageError(f"could not load model {cfg['model.name_or_path']!r}: "
                          f"{unreachable_note(str(e).strip().splitlines()[0])} (check model.name_or_path)") from None
