@@ -24,8 +24,10 @@ What it does, and why:
 
 Low-memory loading (``fsdp.low_memory_loading``, on by default): with several processes, no process holds more
 than its own shard of the 4-bit weights on its device, and a machine's CPU memory holds one copy of the 4-bit
-model, not one per process. Process 0 alone loads and quantizes the model (a checkpoint or ``random-weights``),
-in CPU memory; every other process builds the model on the meta device from its ``config.json`` and receives
+model, not one per process. Process 0 alone loads the model (a checkpoint or ``random-weights``) into CPU
+memory, each weight quantized on its GPU first (the loader's ``quantize_device``: the nf4 plugin streams a
+safetensors checkpoint a tensor at a time, random-weights draws on the GPU, so its model is the one-GPU build's);
+every other process builds the model on the meta device from its ``config.json`` and receives
 process 0's 4-bit structure: each ``Linear4bit``'s packed shape and storage dtype and its bitsandbytes
 quantization state (absmax, code, the nested statistics of double quantization), broadcast tensor by tensor,
 bit for bit (:func:`share_4bit_structure`). Then the FSDP units are made one at a time, each decoder layer and
@@ -35,8 +37,13 @@ most, for a moment. That is what FSDP's ``sync_module_states=True`` with a ``par
 because FSDP refuses ``sync_module_states`` on the CPU (the tests' gloo runs take the same path as GPUs). The
 quantization state is not a parameter, so no FSDP broadcast would carry it: that is why it travels first, on its
 own. The path Answer.AI's fsdp_qlora, accelerate's ``cpu_ram_efficient_loading`` and transformers' FSDP loading
-take. Process 0 draws ``random-weights`` models in CPU memory then, so on GPUs their values differ from a
-one-process build on the GPU with the same seed (each is still the same on every rebuild on its device).
+take.
+
+Parameter offload (``fsdp.cpu_offload``, GPUs only): FSDP keeps each process's shard of the base weights in
+(pinned) CPU memory and copies each unit to the GPU for its forward and backward. The model loads into CPU
+memory as above, on any number of processes, so a GPU never holds more than the unit being sharded: one GPU
+trains what its memory cannot hold (the Llama-3-70B shape within 24 GB, docs/performance.md). The quantization
+states stay on the GPU (they are not parameters, so FSDP does not move them), as do the adapters.
 
 Each process must compute on its own GPU before the 4-bit load (the guide's recipe quantizes every rank onto
 cuda:0): the core loads onto ``PartialState().device``, which follows ``LOCAL_RANK``.
@@ -387,7 +394,8 @@ class FSDP:
                    "and backward), HYBRID_SHARD (FULL_SHARD within a host, replicated across hosts), NO_SHARD",
                    choices=STRATEGIES),
             Option("fsdp.cpu_offload", "bool", False,
-                   "fsdp: keep each process's shard of the base weights in CPU memory between uses"),
+                   "fsdp: keep each process's shard of the base weights in CPU memory between uses on the GPU "
+                   "(GPUs only); the model loads into CPU memory, each weight quantized on the GPU first"),
             Option("fsdp.wrap_class", "str", None,
                    "fsdp: class name of the decoder layer each FSDP unit wraps (default: found in the model)",
                    nullable=True),
@@ -403,6 +411,9 @@ class FSDP:
         if "cpu-offload" in config.plugins:
             raise UsageError("--plugin fsdp and --plugin cpu-offload do not combine; for less GPU memory under FSDP "
                              "set fsdp.cpu_offload=true")
+        if config["fsdp.cpu_offload"] and device != "cuda":
+            raise UsageError("fsdp: fsdp.cpu_offload=true needs a GPU: it keeps the weights in CPU memory between "
+                             "their uses on the GPU, and on the CPU they are there already; drop the setting")
         if config["lora.bias"] != "none":
             raise UsageError(f"fsdp: lora.bias={config['lora.bias']} trains biases inside the sharded base layers; "
                              f"set lora.bias=none")
@@ -425,8 +436,11 @@ class FSDP:
     def qlora_model_load_kwargs(self, kwargs, config) -> None:
         _, world = rank_and_world()
         self.low_memory = world > 1 and bool(config["fsdp.low_memory_loading"])
-        if self.low_memory:
-            # Process 0 loads and quantizes in CPU memory; FSDP places each unit on the device as it shards it.
+        if self.low_memory or config["fsdp.cpu_offload"]:
+            # The model loads into CPU memory (process 0's alone, under low-memory loading), each weight quantized
+            # on this process's device first; FSDP places each unit on the device as it shards it, and with
+            # cpu_offload keeps the shards in CPU memory.
+            kwargs["quantize_device"] = str((kwargs.get("device_map") or {}).get("", "cpu"))
             kwargs["device_map"] = {"": "cpu"}
 
     @hookimpl(tryfirst=True)
@@ -475,9 +489,11 @@ class FSDP:
         low_memory = self.low_memory and dist.get_world_size() > 1
         if low_memory:
             check_same_structure(model)
-            for module in kwargs["ignored_states"]:  # the adapters, whole on every process: filled from 0 below
-                materialize_meta(module, device)
-                module.to(device)
+        # The adapters, whole on every process, were made where the base weights are (the meta device, CPU
+        # memory): onto the device (under low-memory loading filled from process 0 below).
+        for module in kwargs["ignored_states"]:
+            materialize_meta(module, device)
+            module.to(device)
         adapters = [p for m in kwargs["ignored_states"] for p in m.parameters(recurse=False) if p.requires_grad]
         if low_memory:
             wrapped = wrap_filled(model, kwargs, decoder_layer_class(model, config["fsdp.wrap_class"]), device)
@@ -499,6 +515,8 @@ class FSDP:
         settings.shards_weights = True
         settings.upcast = False
         settings.shard_adapters = False
+        settings.cpu_offload = bool(config["fsdp.cpu_offload"])
+        settings.low_memory_loading = bool(config["fsdp.low_memory_loading"])
 
     @hookimpl(tryfirst=True)
     def qlora_on_after_backward(self, run, model, optimizer) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from qlora_core import Option, auto_on, hookimpl
 from qlora_plugins import nf4_kernel
-from qlora_plugins.quant_weights import dense_weight, register_quant_weight
+from qlora_plugins.quant_weights import computes_on_cuda, dense_weight, register_quant_weight
 
 _OPS: Any = None
 
@@ -189,8 +189,8 @@ def fused_count(model) -> int:
 
 
 def on_cuda(model) -> bool:
-    """Whether the run computes on CUDA: where the model's weights are."""
-    return any(p.is_cuda for p in model.parameters())
+    """Whether the run computes on CUDA (:func:`qlora_plugins.quant_weights.computes_on_cuda`)."""
+    return computes_on_cuda(model)
 
 
 @hookimpl

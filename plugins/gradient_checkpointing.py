@@ -16,6 +16,7 @@ from __future__ import annotations
 from qlora_core import Option, auto_on, hookimpl
 from qlora_plugins.layers import (checkpoint_layers, layer_policy, layer_state, layers_within_budget,
                                   reserve_offload, set_checkpointed_layers)
+from qlora_plugins.quant_weights import computes_on_cuda
 
 
 def _peft_model(model):
@@ -56,7 +57,7 @@ class GradientCheckpointing:
     def qlora_prepare_model(self, model, config) -> None:
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
-        offload = auto_on(config["train.activation_offload"], any(p.is_cuda for p in model.parameters()))
+        offload = auto_on(config["train.activation_offload"], computes_on_cuda(model))
         if checkpoint_layers(model, offload=offload, lean=config["train.lean_recompute"]):
             return
         if not getattr(model, "supports_gradient_checkpointing", False):

@@ -25,7 +25,9 @@ class LigerKernels:
 
     @hookimpl
     def qlora_prepare_model(self, model, config) -> None:
-        if not any(p.is_cuda for p in model.parameters()):
+        from qlora_plugins.quant_weights import computes_on_cuda
+
+        if not computes_on_cuda(model):
             return
         try:
             from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance

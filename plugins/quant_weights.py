@@ -58,3 +58,18 @@ def dense_weight(weight, dtype):
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight, quant_state).to(dtype)
+
+
+def computes_on_cuda(model) -> bool:
+    """Whether ``model`` computes on CUDA: where its weights are, or its 4-bit weights' quantization states (a
+    model loaded into CPU memory for FSDP keeps its weights there and its quantization states on the GPU it will
+    compute on; a process that received its structure holds meta weights and the states on its GPU)."""
+    if any(p.is_cuda for p in model.parameters()):
+        return True
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        absmax = getattr(state, "absmax", None)
+        if absmax is not None and absmax.is_cuda:
+            return True
+    return False
+

@@ -385,3 +385,16 @@ def test_low_memory_loading_gives_every_process_the_one_process_4bit_weights(fsd
             assert torch.equal(got["dense"][key], value), (rank, key)
     assert results[2][0]["loaded_bytes"] == one["loaded_bytes"]  # process 0 loaded the whole model
     assert results[2][1]["loaded_bytes"] < one["loaded_bytes"] / 50  # process 1: the adapters, nothing else
+
+
+
+def test_cpu_offload_without_a_gpu_is_a_one_line_error(tiny_config, tmp_path, capsys):
+    """On the CPU the weights are in CPU memory already, and FSDP's offload needs an accelerator to copy to."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config))
+    code = cli.main(["run", str(config), "--plugin", "fsdp", "--set", "fsdp.cpu_offload=true",
+                     "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: fsdp: fsdp.cpu_offload") and "GPU" in err[0]
+    assert not (tmp_path / "run").exists()
