@@ -57,6 +57,26 @@ def _busiest_gpu_peak_gib(device, world: int) -> float:
     return float(peak) / 2**30
 
 
+def _host_cpu_peak_gib(world: int) -> float:
+    """The resident-memory peak so far of this machine's processes of the run, each process's own peak summed
+    (which bounds the machine's peak from above), in GiB: the largest over the machines."""
+    import resource
+    import socket
+    import sys
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peaks = [(socket.gethostname(), own)]
+    if world > 1:
+        import torch
+
+        peaks = [None] * world
+        torch.distributed.all_gather_object(peaks, (socket.gethostname(), own))
+    by_host: dict[str, int] = {}
+    for host, peak in peaks:
+        by_host[host] = by_host.get(host, 0) + peak
+    return max(by_host.values()) / 2**30
+
+
 def _agree(control, world: int, device, signals: "StopSignals | None" = None) -> None:
     """Across processes a flag a callback set on any one of them counts for all, so every process acts alike; so
     does a stop signal (``signals``) one of them received."""
@@ -311,9 +331,10 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)  # last, so nothing before the first resumed step draws from them
 
+        # Loading (and FSDP's sharding) and the evaluation before training peak apart from training: both are
+        # reported, the per-step figures training's own.
+        state.summary.setdefault("peak_cpu_memory_loading_gib", _host_cpu_peak_gib(world))
         if device.type == "cuda":
-            # Loading (and FSDP's sharding, which starts from the whole model on each GPU) and the evaluation
-            # before training peak apart from training: both are reported, the per-step figures training's own.
             state.summary.setdefault("peak_gpu_memory_loading_gib", _busiest_gpu_peak_gib(device, world))
             torch.cuda.reset_peak_memory_stats(device)
         model.train()
@@ -421,6 +442,7 @@ class Trainer:
         train_seconds = time.perf_counter() - started
         summary["train_seconds"] = train_seconds
         summary["tokens_per_second"] = state.all_tokens / max(train_seconds, 1e-9)
+        summary["peak_cpu_memory_gib"] = _host_cpu_peak_gib(world)
         if device.type == "cuda":
             summary["peak_gpu_memory_gib"] = _busiest_gpu_peak_gib(device, world)
         self._set_mode(run, "eval")  # the evaluation, the sample and the exports see the weights as trained
