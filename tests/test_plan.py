@@ -192,6 +192,34 @@ def test_the_estimate_of_today_s_defaults_against_the_h200_measurements(tmp_path
         assert 1.0 <= result.with_checkpointing.total / GIB / measured < 1.2, name
 
 
+def test_the_fsdp_loading_and_training_estimates_against_the_70b_measurements(tmp_path):
+    """Measured on two H200s with every process loading the whole model (fsdp.low_memory_loading=false; the
+    Llama-3-70B shape, seq 2048, batch 1, docs/performance.md): 38.26 GiB per GPU while loading, 26.53 while
+    training. Low-memory loading puts the one 4-bit copy in CPU memory and leaves each GPU its shard and one
+    unit; fsdp.cpu_offload keeps the shards in CPU memory for training too."""
+    from qlora_core.tools.shapes import SHAPES
+
+    folder = plan_check.write_config_folder(SHAPES["llama3-70b"], tmp_path / "70b")
+    cfg = {"lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+           "train": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "max_seq_length": 2048}}
+    whole = plan(folder, {**cfg, "fsdp": {"low_memory_loading": False}}, gpus=2, plugins=["fsdp"])
+    assert whole.loading.kind == "onto each GPU" and whole.loading.cpu == 0
+    assert 0.95 < whole.loading.gpu / GIB / 38.26 < 1.05
+    assert 0.9 < whole.memory.total / GIB / 26.53 < 1.1
+    weights = whole.memory.detail["whole_weight_bytes"]  # the 4-bit linear layers and the bf16 rest
+    low = plan(folder, cfg, gpus=2, plugins=["fsdp"])
+    assert low.loading.kind == "low-memory" and low.loading.cpu == weights
+    assert low.loading.gpu < whole.loading.gpu * 0.65  # half the layers, the root unit whole, the constants
+    assert low.memory.total == whole.memory.total
+    four = plan(folder, cfg, gpus=4, plugins=["fsdp"])
+    assert four.loading.gpu < low.loading.gpu and four.loading.cpu == weights  # one copy per machine
+    offload = plan(folder, {**cfg, "fsdp": {"cpu_offload": True}}, gpus=1, plugins=["fsdp"])
+    assert offload.loading.kind == "into CPU memory"
+    assert offload.memory.quantized_weights == 0 and offload.memory.other_weights == 0
+    assert offload.memory.total / GIB < 22 and offload.loading.gpu / GIB < 22  # a 24 GB card
+    assert weights < offload.loading.cpu < weights * 1.15  # the copy, and a unit flattened beside it
+
+
 def test_checkpointing_reduces_the_activations(llama8b_plan, config_only):
     for result in (llama8b_plan, plan(config_only, {})):
         w, wo = result.with_checkpointing, result.without_checkpointing
@@ -213,9 +241,10 @@ def test_the_config_picks_the_estimate_that_applies(llama8b_dir):
 def test_two_gpus_halve_the_sharded_terms(llama8b_dir, llama8b_plan):
     two = plan(llama8b_dir, SEED, gpus=2)
     one_w, two_w = llama8b_plan.with_checkpointing, two.with_checkpointing
-    for key in ("quantized_weights", "quant_constants", "other_weights", "lora_weights", "lora_gradients",
-                "optimizer_states"):
+    for key in ("quantized_weights", "other_weights", "lora_weights", "lora_gradients", "optimizer_states"):
         assert getattr(two_w, key) == pytest.approx(getattr(one_w, key) / 2)
+    # the quantization constants are not parameters: FSDP leaves them whole on every GPU
+    assert two_w.quant_constants == one_w.quant_constants
     assert two_w.stored_activations == one_w.stored_activations
     assert two_w.working_set == one_w.working_set
     assert two_w.transients > one_w.transients  # FSDP gathers the root unit and a layer at a time

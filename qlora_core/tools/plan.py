@@ -30,13 +30,15 @@ size ``h``, MLP size ``i``, ``nh`` query heads, ``qd = nh x head_dim``, ``kv = k
 vocabulary ``V``, ``a`` bytes of the compute dtype (2 for bf16), ``s`` bytes of the residual stream, LoRA rank
 ``r``, ``m = 1`` byte (a bool dropout mask) when ``lora_dropout > 0``, else 0, ``N`` GPUs.
 
-Static, sharded by FSDP (divided by ``N``):
+Static, sharded by FSDP (divided by ``N``; with ``fsdp.cpu_offload`` the weights are in CPU memory instead, and
+the GPU holds what FSDP gathers, below):
 
 * **4-bit linear weights**: every ``nn.Linear`` but the output head and the layers ``quant.skip_modules`` names,
   at 0.5 byte/param.
 * **quantization constants**: blockwise absmax, block size 64. Plain: one fp32 per block = 32/64 = 0.5
   bits/param. Double quantization (``bnb_4bit_use_double_quant``) stores them as 8 bits with one fp32 per 256
-  blocks: 8/64 + 32/(64 x 256) = 0.127 bits/param (the QLoRA paper's figure).
+  blocks: 8/64 + 32/(64 x 256) = 0.127 bits/param (the QLoRA paper's figure). They are not parameters, so
+  FSDP neither shards nor offloads them: whole on every GPU.
 * **non-quantized weights** (embeddings, output head, norms, biases): fp32, because PEFT's
   ``prepare_model_for_kbit_training`` (which the ``nf4`` plugin runs) upcasts every non-4-bit parameter to
   fp32; in the compute dtype when the model is not loaded in 4 bits. Tied embeddings count once. The linear
@@ -95,7 +97,17 @@ LoRA layers; the fused LoRA op keeps less, so the estimate errs high.
 
 Transient buffers: the largest 4-bit layer dequantized for its matmul (``a x in x out``) plus 64 MiB of
 workspaces; with ``N > 1`` also what FSDP gathers: the root unit (embeddings, head, final norm: not
-resharded during the step) and two decoder layers (the current one and the prefetched one).
+resharded during the step) and two decoder layers (the current one and the prefetched one), less the GPU's own
+shard of them (all of them with ``fsdp.cpu_offload``).
+
+Loading (:func:`estimate_loading`), before training: onto each GPU (one GPU, or FSDP with
+``fsdp.low_memory_loading=false``) the whole 4-bit model plus one weight in the compute dtype beside its 4-bit
+copy while it is quantized; into CPU memory (FSDP's low-memory loading on several GPUs, or
+``fsdp.cpu_offload``) one process holds the one 4-bit copy per machine in CPU memory, and a GPU the quantization
+constants, the adapters and the largest of: one weight being quantized; the decoder layers' shards plus one unit
+whole while it is sharded (no shards with offload). With offload the CPU also holds one unit flattened beside its
+original. Measured on two H200s with the whole model loaded by each process (Llama-3-70B shape): 38.26 GiB per
+GPU while loading (estimate 37.35), 26.53 while training (25.21).
 
 Which of these terms apply is settled by :class:`PlanSettings`: the core fills it from the config as if no plugin
 took part, and each plugin of the run adjusts it through the ``qlora_plan_settings`` hook (the optimizer
@@ -425,6 +437,11 @@ class PlanSettings:
     #: a plugin in the run shards the base weights across the GPUs, and stores the 4-bit weights as that needs
     #: (``fsdp``); without one, ``gpus > 1`` is still estimated as FSDP, and a note says how to run it so
     shards_weights: bool = False
+    #: the sharded base weights kept in CPU memory between their uses on the GPU (``fsdp.cpu_offload``)
+    cpu_offload: bool = False
+    #: with several GPUs, one process loads and quantizes the model into CPU memory and the others receive their
+    #: shards (``fsdp.low_memory_loading``); without it, every process loads the whole model onto its GPU
+    low_memory_loading: bool = False
 
 
 def layer_bytes_per_token(shape: ModelShape, settings: PlanSettings, targets: str | Sequence[str]) -> float:
@@ -528,24 +545,75 @@ def estimate_memory(shape: ModelShape, settings: PlanSettings, targets: str | Se
     largest = max((li * lo for name, li, lo, _ in shape.linears if name not in skipped_names),
                   default=0) if settings.load_in_4bit else 0
     transients = a * largest + WORKSPACE_BYTES
-    if n > 1:
-        # FSDP gathers the root unit (embeddings, head, final norm) for the whole step, and a decoder layer
-        # (plus the prefetched next one) at a time.
-        layer_quant = _layer_quantizable(shape, settings)
-        # the skipped parameters of each decoder layer: the largest layer is the one gathered
-        per_layer_skip = _skipped_per_layer(shape, skipped)
-        layer_skip = max(per_layer_skip.values(), default=0)
-        layer_weights = ((layer_quant - layer_skip) * (0.5 + const_bits / 8)
-                         + (shape.layer_params - layer_quant + layer_skip) * other_bytes)
-        root = max(0.0, other - (L * (shape.layer_params - layer_quant) + sum(per_layer_skip.values())) * other_bytes)
-        transients += root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n)
-        detail.update(fsdp_gathered_bytes=root * (1 - 1 / n) + 2 * layer_weights * (1 - 1 / n))
+    # FSDP's units: the root (embeddings, head, final norm), gathered for the whole step, and the decoder layers,
+    # one (plus the prefetched next one) at a time.
+    layer_quant = _layer_quantizable(shape, settings)
+    # the skipped parameters of each decoder layer: the largest layer is the one gathered
+    per_layer_skip = _skipped_per_layer(shape, skipped)
+    layer_skip = max(per_layer_skip.values(), default=0)
+    layer_weights = ((layer_quant - layer_skip) * 0.5 + (shape.layer_params - layer_quant + layer_skip) * other_bytes)
+    root = max(0.0, other - (L * (shape.layer_params - layer_quant) + sum(per_layer_skip.values())) * other_bytes)
+    detail.update(whole_weight_bytes=quantized + other, quant_constant_bytes=constants, root_unit_bytes=root,
+                  layer_unit_bytes=layer_weights, largest_linear_params=largest)
+    offload = settings.cpu_offload and settings.shards_weights
+    on_gpu = 0.0 if offload else 1.0 / n  # the share of the base weights each GPU keeps
+    if n > 1 or offload:
+        # gathered: what the GPU does not keep of the units (with offload, all of them: the shards are in CPU
+        # memory)
+        gathered = (root + 2 * layer_weights) * (1 - on_gpu)
+        transients += gathered
+        detail.update(fsdp_gathered_bytes=gathered)
     return MemoryEstimate(
-        checkpointing=checkpointing, quantized_weights=quantized / n, quant_constants=constants / n,
-        other_weights=other / n, lora_weights=lora / m, lora_gradients=grads / m, optimizer_states=optim / m,
+        # the quantization constants are not parameters: FSDP neither shards nor offloads them
+        checkpointing=checkpointing, quantized_weights=quantized * on_gpu, quant_constants=constants,
+        other_weights=other * on_gpu, lora_weights=lora / m, lora_gradients=grads / m, optimizer_states=optim / m,
         stored_activations=stored, working_set=working, transients=transients, working_set_kind=kind,
         detail=detail,
     )
+
+
+@dataclass
+class LoadingEstimate:
+    """Peak memory while the base model is loaded (and, under FSDP, sharded), before training starts: per GPU,
+    and the model's bytes in CPU memory per machine (beyond each process's own libraries)."""
+
+    gpu: float
+    cpu: float
+    #: how the model loads: "onto each GPU", "low-memory" (one process into CPU memory, the others their
+    #: shards) or "into CPU memory" (fsdp.cpu_offload)
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu_gib": self.gpu / GIB, "cpu_gib": self.cpu / GIB, "kind": self.kind}
+
+
+def estimate_loading(memory: MemoryEstimate, settings: PlanSettings) -> LoadingEstimate:
+    """The loading peaks for ``memory``'s weights.
+
+    Onto each GPU (one GPU, or FSDP without low-memory loading): every process quantizes the whole model onto its
+    GPU, one weight at a time in the compute dtype beside it; the checkpoint's pages are only mapped in CPU
+    memory. Into CPU memory (``fsdp.low_memory_loading`` with several GPUs, or ``fsdp.cpu_offload``): one process
+    quantizes each weight on its GPU and keeps the 4-bit copy in CPU memory, the quantization constants on the
+    GPU; each FSDP unit then comes onto the GPU whole while it is sharded, the GPU keeping its shard (none with
+    offload), and with offload the CPU copy of a unit is flattened beside the original.
+    """
+    d = memory.detail
+    a = 4 if settings.compute_dtype == "float32" else 2
+    n = max(1, settings.gpus)
+    whole, constants = d["whole_weight_bytes"], d["quant_constant_bytes"]
+    quantizing = d["largest_linear_params"] * (a + 0.5)  # one weight unquantized beside its 4-bit copy
+    adapters = memory.lora_weights
+    offload = settings.cpu_offload and settings.shards_weights
+    into_cpu = settings.shards_weights and (offload or (n > 1 and settings.low_memory_loading))
+    if not into_cpu:
+        return LoadingEstimate(gpu=whole + constants + quantizing, cpu=0.0, kind="onto each GPU")
+    root, layer = d["root_unit_bytes"], d["layer_unit_bytes"]
+    unit = max(root, layer)
+    # the decoder layers are sharded first, the root last: at most the layers' shards and one unit whole
+    kept = 0.0 if offload else (whole - root) / n
+    gpu = constants + adapters + max(quantizing, kept + unit)
+    cpu = whole + (unit if offload else 0.0)
+    return LoadingEstimate(gpu=gpu, cpu=cpu, kind="into CPU memory" if offload else "low-memory")
 
 
 def _skipped_per_layer(shape: ModelShape, skipped: Sequence[tuple[str, int, int, bool]]) -> dict[str, int]:
@@ -612,6 +680,8 @@ class Plan:
     without_checkpointing: MemoryEstimate
     warnings: list[str]
     notes: list[str]
+    #: the peaks while the model loads, before training (``memory``'s weights)
+    loading: LoadingEstimate | None = None
 
     @property
     def n_params(self) -> int:
@@ -637,6 +707,7 @@ class Plan:
             "peak_with_checkpointing_gib": self.with_checkpointing.total / GIB,
             "peak_without_checkpointing_gib": self.without_checkpointing.total / GIB,
             "peak_gib": self.memory.total / GIB, "budget_gib": self.memory.budget / GIB,
+            "loading": self.loading.to_dict() if self.loading is not None else None,
             "warnings": self.warnings, "notes": self.notes,
         }
 
@@ -759,6 +830,7 @@ def plan(model_name_or_path: str | Path | None = None, config: Config | Mapping[
         with_checkpointing=with_ckpt, without_checkpointing=without,
         warnings=guidance_warnings(cfg, shape.n_params, gpus, settings),
         notes=guidance_notes(cfg, shape.n_params, gpus) + notes,
+        loading=estimate_loading(with_ckpt if settings.checkpointing else without, settings),
     )
 
 

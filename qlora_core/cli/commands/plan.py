@@ -134,6 +134,14 @@ def print_plan(result) -> None:
         kind = f"{w.working_set_kind} with checkpointing, {wo.working_set_kind} without"
     console.print(f"peak working set: {kind}. Peak allocated compares with torch.cuda.max_memory_allocated.",
                   style="dim", highlight=False)
+    load = result.loading
+    if load is not None:
+        where = {"onto each GPU": "each process quantizes the whole model onto its GPU",
+                 "low-memory": "one process loads into CPU memory, the others receive their shards",
+                 "into CPU memory": "loaded into CPU memory, which keeps the shards (fsdp.cpu_offload)"}[load.kind]
+        cpu = f", {load.cpu / GIB:.2f} GiB of weights in CPU memory per machine" if load.cpu else ""
+        console.print(f"while loading: [bold]{load.gpu / GIB:.2f} GiB[/bold] per GPU{cpu} ({where}; each process "
+                      f"also holds its own libraries in CPU memory)", highlight=False)
     active = "with" if st.checkpointing else "without"
     console.print(f"* this config trains {active} gradient checkpointing: budget about "
                   f"[bold]{result.memory.budget / GIB:.1f} GiB[/bold] per GPU", highlight=False)
