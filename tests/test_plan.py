@@ -366,6 +366,17 @@ def test_cli_prints_the_tables(tiny_model_dir, capsys):
                  "4-bit linear weights", "optimizer states", "checkpointing", "without", "warning:",
                  "learning_rate=0.05"):
         assert text in out, text
+    assert "quantizes the whole model onto its GPU" in " ".join(out.split())  # the loading line, one GPU
+
+
+def test_cli_prints_the_loading_peaks_under_fsdp(llama8b_dir, capsys):
+    assert cli_main(["plan", "--model", str(llama8b_dir), "--gpus", "2", "--plugin", "fsdp", "--set",
+                     "fsdp.cpu_offload=true", "--json"]) == 0
+    loading = json.loads(capsys.readouterr().out)["loading"]
+    assert loading["kind"] == "into CPU memory" and 0 < loading["gpu_gib"] < loading["cpu_gib"]
+    assert cli_main(["plan", "--model", str(llama8b_dir), "--gpus", "2", "--plugin", "fsdp"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "in CPU memory per machine" in out and "the others receive their shards" in out
 
 
 def test_cli_json_parses(llama8b_dir, capsys):
