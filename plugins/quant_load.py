@@ -4,7 +4,8 @@ memory: process 0 of a low-memory FSDP load, or ``fsdp.cpu_offload``).
 
 Transformers' loader quantizes where it puts the weights: asked for a model in CPU memory it quantizes on the
 CPU, about 26 million parameters a second on 2 cores with bitsandbytes 0.50 (an hour for a 70B model). Here
-each tensor is read from its memory-mapped shard, converted to the compute dtype on the quantizing device,
+each tensor is read from its shard into its own memory (:class:`ShardReader`: no mapped pages of the checkpoint
+stay resident), converted to the compute dtype on the quantizing device,
 quantized there and its packed bytes moved to the keeping device; the quantization states stay where they were
 made. At most one tensor is unquantized at a time, and the CPU holds the one 4-bit copy.
 
@@ -34,6 +35,54 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+# safetensors' dtype names (its format's header) and torch's
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class ShardReader:
+    """One safetensors file's tensors, each read into its own memory with a plain file read.
+
+    ``safetensors.safe_open`` maps the file: every tensor read stays resident as mapped pages of the file until
+    the file is closed, so a process reading a whole shard shows the shard's size in its resident memory. Read
+    here instead, a tensor's bytes are the only memory it takes, and they go when the tensor does (the file's
+    pages sit in the page cache, outside any process). The header is the format's own: an 8-byte little-endian
+    length, then JSON naming each tensor's dtype, shape and byte range after the header."""
+
+    def __init__(self, path: Path) -> None:
+        import struct
+
+        self.file = open(path, "rb")
+        (size,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(size))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, key: str):
+        import torch
+
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key}: safetensors dtype {entry['dtype']} is not read here")
+        buffer = bytearray(end - begin)
+        self.file.seek(self.start + begin)
+        self.file.readinto(buffer)
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=getattr(torch, dtype))
+        return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(entry["shape"])
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
 def _skipped(name: str, skips: set[str]) -> bool:
     # transformers 5's rule for llm_int8_skip_modules: the name itself, a prefix up to a dot, or a suffix
     return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skips)
@@ -47,7 +96,6 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str]):
     import bitsandbytes as bnb
     import torch
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(name_or_path)
@@ -66,7 +114,7 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str]):
     params = dict(model.named_parameters())  # tied weights once, under their first name
     names: dict[str, str] = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
+        with ShardReader(f) as st:
             names.update({key: str(f) for key in st.keys()})
     extra = sorted(k for k in names if k not in params)
     missing = sorted(k for k in params if k not in names)
@@ -92,7 +140,7 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str]):
     for key, f in names.items():
         by_file.setdefault(f, []).append(key)
     for f, keys in by_file.items():
-        with safe_open(f, framework="pt") as st:
+        with ShardReader(Path(f)) as st:
             for key in keys:
                 owner_name, _, pname = key.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model

@@ -95,3 +95,18 @@ def test_a_checkpoint_named_otherwise_is_left_to_transformers(tiny_config, tmp_p
     model = _load(cfg, tmp_path / "b", ["no:rich-progress", str(ask)])
     assert record.read_text().splitlines() == ["asked", "LlamaForCausalLM False"]  # transformers loaded it
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_the_shard_reader_reads_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qlora_plugins.quant_load import ShardReader
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.zeros(0, 4, dtype=torch.float16), "e": torch.tensor([True, False])}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    with ShardReader(tmp_path / "x.safetensors") as reader:
+        assert sorted(reader.keys()) == sorted(tensors)
+        for key, value in load_file(tmp_path / "x.safetensors").items():
+            got = reader.get_tensor(key)
+            assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), key
