@@ -17,6 +17,7 @@ Prints one table row per N and process, then one JSON line per N.
     python benchmarks/fsdp_loading.py                       # N = 1, 2, 4, random weights
     python benchmarks/fsdp_loading.py --nproc 2 --checkpoint
     python benchmarks/fsdp_loading.py --set fsdp.low_memory_loading=false   # every process loads the whole model
+    python benchmarks/fsdp_loading.py --train 3        # then 3 steps of a global batch of 4 on each N: the losses
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,7 +156,7 @@ def prepare(out: Path, checkpoint: bool) -> Path:
         (folder / "config.json").write_text(json.dumps(SHAPE, indent=2) + "\n")
     data = out / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"### Human: row {i}### Assistant: answer {i}"}) + "\n"
-                            for i in range(8)))
+                            for i in range(16)))
     cfg = {"model": {"name_or_path": str(folder)}, "data": {"path": str(data)},
            "train": {"max_steps": 1, "per_device_train_batch_size": 1}}
     path = out / ("config-checkpoint.json" if checkpoint else "config.json")
@@ -168,6 +170,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="load a saved float32 checkpoint, not random weights")
     parser.add_argument("--set", action="append", default=[], help="a config override for every process")
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "qlora-fsdp-loading"))
+    parser.add_argument("--train", type=int, default=0, metavar="STEPS",
+                        help="then train STEPS steps of a global batch of 4 on each N (qlora run --nproc-per-node) "
+                             "and compare the losses with N = 1's")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -213,6 +218,49 @@ def main() -> None:
         print(json.dumps({"nproc": n, "machine_rss_peak_mib": round(peak[0] / 1024),
                           "max_peak_weights_mib": round(max(r["peak_weights_mib"] for r in rows), 1),
                           "set": args.set}), flush=True)
+    if args.train:
+        train(args, config, plugins, env, out)
+
+
+def train(args, config: Path, plugins: str, env: dict, out: Path) -> None:
+    """``args.train`` steps of a global batch of 4 sequences on each N (4 / N per process), the losses per step
+    and their largest relative difference from N = 1's. The model: the same layers with random weights and the
+    tokenizer's vocabulary (49152; the loading model's 8192 cannot embed the data's tokens)."""
+    if not (out / "shape" / "config.json").is_file():
+        prepare(out, False)  # the tokenizer's folder
+    shape = out / "shape-train"
+    shape.mkdir(exist_ok=True)
+    for f in (out / "shape").glob("*"):
+        if f.name != "config.json" and f.is_file():
+            shutil.copy(f, shape / f.name)
+    (shape / "config.json").write_text(json.dumps(dict(SHAPE, vocab_size=49152), indent=2) + "\n")
+    plugins = "fsdp,random-weights"
+    losses: dict[int, list[float]] = {}
+    for n in args.nproc:
+        run_dir = Path(tempfile.mkdtemp(dir=out)) / "run"
+        cmd = [sys.executable, "-m", "qlora_core", "run", str(config), "--nproc-per-node", str(n),
+               "--set", f"model.name_or_path={shape}",
+               "--output", str(run_dir), "--set", f"train.max_steps={args.train}",
+               "--set", f"train.per_device_train_batch_size={4 // n}", "--set", "train.logging_steps=1",
+               "--set", "lora.lora_dropout=0",  # the dropout masks are drawn per process
+               "--set", "train.sample_max_new_tokens=0", "--set", "train.save_strategy=\"no\""]
+        for name in plugins.split(","):
+            cmd += ["--plugin", name]
+        for s in args.set:
+            cmd += ["--set", s]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            sys.exit(f"error: training on N={n} failed:\n{done.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        losses[n] = [r["loss"] for r in rows if "loss" in r]
+        summary = json.loads((run_dir / "run.json").read_text()).get("summary", {})
+        first = losses[min(losses)]
+        diff = max(abs(a - b) / abs(b) for a, b in zip(losses[n], first))
+        print(json.dumps({"nproc": n, "train_steps": args.train, "global_batch": 4, "losses": losses[n],
+                          "max_relative_difference_from_first": diff,
+                          "peak_cpu_memory_loading_gib": summary.get("peak_cpu_memory_loading_gib"),
+                          "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 
 if __name__ == "__main__":
