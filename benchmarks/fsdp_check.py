@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single", action="store_true", help="also run one GPU without FSDP, for the ratio")
     parser.add_argument("--out", type=Path, default=Path("/tmp/qlora-fsdp-check"))
     parser.add_argument("--keep-model", action="store_true", help="reuse --out/model if it is there")
+    parser.add_argument("--no-reload", action="store_true", help="skip the reload-and-generate check")
     parser.add_argument("--random-weights", action="store_true",
                         help="no checkpoint: every run builds the shape straight into 4 bits (--plugin random-weights;"
                              " what a 70B shape needs, its bf16 checkpoint being larger than the disk)")
@@ -121,12 +122,29 @@ def run_config(args, model_dir: Path, data: Path) -> dict[str, Any]:
     }
 
 
-def qlora_run(cmd: list[str], log: Path) -> tuple[int, float]:
+def qlora_run(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Exit code, wall seconds, and the peak resident memory of the run's processes together in GiB, sampled
+    every 50 ms (``fsdp_loading.tree_rss_kib``)."""
+    import threading
+
+    from fsdp_loading import tree_rss_kib
+
     started = time.perf_counter()
+    peak = [0]
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "-m", "qlora_core", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    return code, time.perf_counter() - started
+        proc = subprocess.Popen([sys.executable, "-m", "qlora_core", *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+        def sample() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_kib(proc.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        sampler.join()
+    return code, time.perf_counter() - started, peak[0] / 2**20
 
 
 def figures(run_dir: Path) -> dict[str, Any]:
@@ -140,6 +158,8 @@ def figures(run_dir: Path) -> dict[str, Any]:
     return {"tokens_per_second": tokens / seconds, "tokens_per_step": timed[-1]["tokens"],
             "seconds_per_step": seconds / len(timed), "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
             "peak_gpu_memory_loading_gib": summary.get("peak_gpu_memory_loading_gib"),
+            "peak_cpu_memory_loading_gib": summary.get("peak_cpu_memory_loading_gib"),
+            "peak_cpu_memory_gib": summary.get("peak_cpu_memory_gib"),
             "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
 
 
@@ -217,15 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_offload": args.cpu_offload, "model_build_seconds": round(build_seconds, 1),
     }
     extra = ["--plugin", "random-weights"] if args.random_weights else []
-    code, seconds = qlora_run(["run", str(config), "--plugin", "fsdp", *extra, "--nproc-per-node", str(nproc),
-                               "--output", str(out / "fsdp")], out / "fsdp.log")
+    code, seconds, rss = qlora_run(["run", str(config), "--plugin", "fsdp", *extra, "--nproc-per-node", str(nproc),
+                                    "--output", str(out / "fsdp")], out / "fsdp.log")
     if code != 0:
         tail = (out / "fsdp.log").read_text().splitlines()[-40:]
         print(json.dumps({**result, "fsdp_exit_code": code, "fsdp_log_tail": tail}, indent=2))
         return 1
-    result["fsdp"] = {**figures(out / "fsdp"), "wall_seconds": round(seconds, 1)}
+    result["fsdp"] = {**figures(out / "fsdp"), "wall_seconds": round(seconds, 1),
+                      "sampled_machine_rss_peak_gib": round(rss, 2)}
     estimate = plan(model_dir, cfg, gpus=nproc, plugins=["fsdp"])  # config.json is all it reads
     result["plan_gib_per_gpu"] = estimate.memory.total / GIB
+    loading = getattr(estimate, "loading", None)
+    if loading is not None:
+        result["plan_loading"] = loading.to_dict()
     peak = result["fsdp"]["peak_gpu_memory_gib"]
     result["measured_over_plan"] = peak / result["plan_gib_per_gpu"] if peak else None
     if args.single:
@@ -234,15 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         single = {k: v for k, v in cfg.items() if k != "fsdp"}
         single["train"] = dict(single["train"], compile=False)
         single_config.write_text(yaml.safe_dump(single))
-        code, seconds = qlora_run(["run", str(single_config), *extra, "--output", str(out / "single")],
-                                  out / "single.log")
+        code, seconds, rss = qlora_run(["run", str(single_config), *extra, "--output", str(out / "single")],
+                                       out / "single.log")
         if code == 0:
-            result["single"] = {**figures(out / "single"), "wall_seconds": round(seconds, 1)}
+            result["single"] = {**figures(out / "single"), "wall_seconds": round(seconds, 1),
+                                "sampled_machine_rss_peak_gib": round(rss, 2)}
             result["speedup_over_single"] = result["fsdp"]["tokens_per_second"] / \
                 result["single"]["tokens_per_second"]
         else:
             result["single"] = {"exit_code": code, "log_tail": (out / "single.log").read_text().splitlines()[-20:]}
-    result["reload"] = reload_and_generate(model_dir, out / "fsdp" / "adapter", args.random_weights)
+    if not args.no_reload:
+        result["reload"] = reload_and_generate(model_dir, out / "fsdp" / "adapter", args.random_weights)
     print(json.dumps(result, indent=2))
     return 0
 
