@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from qlora_core.framework.errors import UsageError
 from qlora_core.framework.hub import offline_unless_reachable, unreachable_note
@@ -531,6 +531,31 @@ def tokenize_rows(rows: Any, fmt: DatasetFormat, tokenizer: Any, config: "Config
     return kept, out
 
 
+def held_out_split(cfg: "Config", splits: Mapping[str, Any], eval_splits: Mapping[str, Any] | None) -> str | None:
+    """The split the config names for the held-out rows: ``data.eval_path``'s (``eval_splits``) split
+    ``data.eval_split``, else its test, validation or train split; else ``data.path``'s ``data.eval_split``;
+    ``None`` when neither key names one. A split that is not there is a :class:`UsageError`."""
+    if eval_splits is not None:
+        split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
+                                               None)
+        if split not in eval_splits:
+            raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
+                             f"it has: {', '.join(eval_splits)} (set data.eval_split)")
+        return split
+    if cfg["data.eval_split"]:
+        if cfg["data.eval_split"] not in splits:
+            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
+                             f"it has: {', '.join(splits)} (set data.eval_split)")
+        return cfg["data.eval_split"]
+    return None
+
+
+def default_held_out_split(cfg: "Config", splits: Mapping[str, Any]) -> str | None:
+    """Without a named split or a ``data.eval_fraction``: ``data.path``'s test or validation split, if it has one
+    besides ``data.split``."""
+    return next((s for s in ("test", "validation") if s in splits and s != cfg["data.split"]), None)
+
+
 def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str],
                            check_text: bool = True) -> tuple[Any, Any, str | None]:
     """The training rows and the held-out rows of a run, and where the held-out ones come from.
@@ -548,19 +573,11 @@ def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str],
                          f"it has: {', '.join(splits)} (set data.split)")
     train_rows = splits[cfg["data.split"]]
     eval_rows, eval_split = None, None
-    if cfg["data.eval_path"]:
-        eval_splits = load_rows(data_path(cfg["data.eval_path"]), None, key="data.eval_path", check_text=check_text)
-        split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in eval_splits),
-                                               None)
-        if split not in eval_splits:
-            raise UsageError(f"eval dataset {cfg['data.eval_path']!r} has no split {split!r}; "
-                             f"it has: {', '.join(eval_splits)} (set data.eval_split)")
-        eval_rows, eval_split = eval_splits[split], split
-    elif cfg["data.eval_split"]:
-        if cfg["data.eval_split"] not in splits:
-            raise UsageError(f"dataset {cfg['data.path']!r} has no split {cfg['data.eval_split']!r}; "
-                             f"it has: {', '.join(splits)} (set data.eval_split)")
-        eval_rows, eval_split = splits[cfg["data.eval_split"]], cfg["data.eval_split"]
+    eval_splits = (load_rows(data_path(cfg["data.eval_path"]), None, key="data.eval_path", check_text=check_text)
+                   if cfg["data.eval_path"] else None)
+    named = held_out_split(cfg, splits, eval_splits)
+    if named is not None:
+        eval_rows, eval_split = (eval_splits if eval_splits is not None else splits)[named], named
     elif cfg["data.eval_fraction"] > 0:
         if len(train_rows) < 2:
             raise UsageError(f"data.eval_fraction needs at least 2 training rows ({cfg['data.path']!r} has "
@@ -569,10 +586,8 @@ def training_and_eval_rows(cfg: "Config", data_path: Callable[[str], str],
         train_rows, eval_rows = parts["train"], parts["test"]
         eval_split = f"{cfg['data.split']} (held-out fraction {cfg['data.eval_fraction']:g})"
     else:
-        for name in ("test", "validation"):
-            if name in splits and name != cfg["data.split"]:
-                eval_rows, eval_split = splits[name], name
-                break
+        eval_split = default_held_out_split(cfg, splits)
+        eval_rows = splits[eval_split] if eval_split is not None else None
     if eval_rows is not None and cfg["data.max_eval_samples"] > 0:
         eval_rows = eval_rows.select(range(min(len(eval_rows), cfg["data.max_eval_samples"])))
     return train_rows, eval_rows, eval_split

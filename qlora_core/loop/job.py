@@ -15,7 +15,8 @@ from qlora_core.framework.errors import UsageError
 from qlora_core.framework.types import DatasetFormat, FormattedExample
 from qlora_core.loop import model as _model
 from qlora_core.loop.batching import Batching
-from qlora_core.loop.data import TokenizedExample, choose_format, load_rows, training_and_eval_rows
+from qlora_core.loop.data import (TokenizedExample, choose_format, default_held_out_split, held_out_split, load_rows,
+                                  training_and_eval_rows)
 from qlora_core.loop.determinism import prepare_environment
 from qlora_core.loop.loss import compute_loss
 from qlora_core.loop.prepare import (Encoder, PrepareReport, StreamedExamples, mark_text_checked, prepare_examples,
@@ -168,18 +169,12 @@ class Job:
         self.train_examples = StreamedExamples(train_rows, encoder, cfg["data.shuffle_buffer"], cfg["train.seed"])
         self.data_reports = {}
         self.eval_formatted, self.eval_examples, self.eval_split = [], [], None
-        held = None
-        if cfg["data.eval_path"]:
-            held = load_rows(self._data_path(cfg["data.eval_path"]), None, streaming=True, key="data.eval_path")
-            split = cfg["data.eval_split"] or next((s for s in ("test", "validation", "train") if s in held), None)
-        else:
-            held = splits
-            split = cfg["data.eval_split"] or next((s for s in ("test", "validation") if s in splits
-                                                    and s != cfg["data.split"]), None)
+        eval_splits = (load_rows(self._data_path(cfg["data.eval_path"]), None, streaming=True,
+                                 key="data.eval_path") if cfg["data.eval_path"] else None)
+        held = eval_splits if eval_splits is not None else splits
+        split = held_out_split(cfg, splits, eval_splits) or (
+            default_held_out_split(cfg, splits) if eval_splits is None else None)
         if split is not None:
-            if split not in held:
-                raise UsageError(f"the eval data has no split {split!r}; it has: {', '.join(held)} "
-                                 f"(set data.eval_split)")
             at_most = cfg["data.max_eval_samples"] if cfg["data.max_eval_samples"] > 0 else 1000
             rows = datasets.Dataset.from_list(list(islice(iter(held[split]), at_most)))
             if len(rows):
