@@ -35,9 +35,23 @@ def segment(config: dict, out, resume: bool) -> int:
             else:
                 Job(config, output_dir=out, overwrite=True).run()
         except BaseException:
+            import traceback
+
+            with open(errors_file(out), "a") as f:  # for the parent's assertion message
+                f.write(traceback.format_exc())
             code = 1
         os._exit(code)
     return pid
+
+
+def errors_file(out):
+    return out.parent / f"{out.name}.segment-errors.txt"
+
+
+def segment_errors(out) -> str:
+    """What the segments that raised wrote (their tracebacks), for an assertion's message."""
+    path = errors_file(out)
+    return path.read_text() if path.is_file() else "(no segment raised)"
 
 
 def resumable(out, fresh: bool) -> bool:
@@ -83,7 +97,7 @@ def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_e
         time.sleep(rng.uniform(0.3, 2.5))
         finished, status = os.waitpid(pid, os.WNOHANG)
         if finished:  # it reached the end before the kill: start over, so that every kill lands in a live run
-            assert os.waitstatus_to_exitcode(status) == 0
+            assert os.waitstatus_to_exitcode(status) == 0, segment_errors(out)
             fresh = True
             continue
         fresh = False
@@ -95,7 +109,7 @@ def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_e
         assert_complete(out)
     pid = segment(config, out, resume=resumable(out, fresh))
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.waitstatus_to_exitcode(status) == 0, segment_errors(out)
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     got = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().split("\n")[:-1])
            if "loss" in r}
