@@ -175,21 +175,6 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def meta_model(name_or_path: str, kwargs: dict[str, Any]):
-    """The model of ``name_or_path``'s ``config.json`` with its parameters on the meta device (no memory), in
-    the load's dtype; buffers (rotary frequencies) are made as usual."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    trust = kwargs.get("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision"), trust_remote_code=trust)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"], trust_remote_code=trust)
-    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' tensor, not a second one
-    model.eval()  # as from_pretrained leaves it
-    return model
-
-
 def _comm_device():
     import torch
     import torch.distributed as dist
@@ -447,6 +432,8 @@ class FSDP:
     def qlora_load_base_model(self, name_or_path, kwargs, config):
         # First, before any loading plugin (random-weights): the processes other than 0 load nothing.
         if self.low_memory and rank_and_world()[0] != 0:
+            from qlora_plugins.quant_load import meta_model
+
             return meta_model(name_or_path, kwargs)
         return None
 

@@ -130,24 +130,19 @@ def qlora_load_base_model(name_or_path, kwargs, config):
     quant = kwargs.get("quantization_config")
     in_4bit = getattr(quant, "load_in_4bit", False) and hasattr(quant, "llm_int8_skip_modules")
     patterns = skip_patterns(config)
-    meta = None
     if patterns and in_4bit:
         meta = _meta_model(name_or_path, kwargs)
         names = skipped_linears(meta, patterns, config["model.name_or_path"])
         # Full names match themselves alone under transformers' rule (4.x: equal names; 5.x: a prefix up to a dot
         # or a suffix), and a list replaces transformers' defaults: they are added back.
         quant.llm_int8_skip_modules = sorted(set(names) | default_skips(meta))
+        del meta
     model = yield
     if model is None and in_4bit and kwargs.get("quantize_device") is not None:
         from qlora_plugins.quant_load import load_streamed
 
-        if quant.llm_int8_skip_modules is None:
-            meta = meta if meta is not None else _meta_model(name_or_path, kwargs)
-            skips = default_skips(meta)
-        else:
-            skips = set(quant.llm_int8_skip_modules)
-        del meta
-        model = load_streamed(name_or_path, kwargs, skips)
+        skips = None if quant.llm_int8_skip_modules is None else set(quant.llm_int8_skip_modules)
+        model = load_streamed(name_or_path, kwargs, skips, default_skips)
     return model
 
 

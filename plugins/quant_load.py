@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("qlora.nf4")
 
@@ -88,15 +88,29 @@ def _skipped(name: str, skips: set[str]) -> bool:
     return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skips)
 
 
-def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str]):
-    """The model of the checkpoint folder ``name_or_path``, its linear layers (less ``skips``, the modules kept
-    out of 4 bits) quantized as ``kwargs["quantization_config"]`` asks on ``kwargs["quantize_device"]`` and
-    kept, with every other weight, on ``kwargs["device_map"][""]``; or ``None`` when the folder is not a
-    safetensors checkpoint named as the model's parameters."""
-    import bitsandbytes as bnb
-    import torch
+def meta_model(name_or_path: str, kwargs: dict[str, Any]):
+    """The model of ``name_or_path``'s ``config.json`` with its parameters on the meta device (no memory), in
+    the load's dtype; buffers (rotary frequencies) are made as usual."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = kwargs.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(name_or_path, revision=kwargs.get("revision"), trust_remote_code=trust)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"], trust_remote_code=trust)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' tensor, not a second one
+    model.eval()  # as from_pretrained leaves it
+    return model
+
+
+def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str] | None,
+                  default_skips: Callable[[Any], set[str]]):
+    """The model of the checkpoint folder ``name_or_path``, its linear layers (less ``skips``, the modules kept
+    out of 4 bits, else ``default_skips`` of the meta model) quantized as ``kwargs["quantization_config"]`` asks
+    on ``kwargs["quantize_device"]`` and kept, with every other weight, on ``kwargs["device_map"][""]``; or
+    ``None`` when the folder is not a safetensors checkpoint named as the model's parameters."""
+    import bitsandbytes as bnb
+    import torch
 
     folder = Path(name_or_path)
     files = checkpoint_files(folder) if folder.is_dir() else []
@@ -106,11 +120,8 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str]):
     dtype = kwargs["dtype"]
     work = torch.device(kwargs["quantize_device"])
     keep = torch.device((kwargs.get("device_map") or {}).get("", "cpu"))
-    remote = bool(kwargs.get("trust_remote_code", False))
-    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=remote)
-    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' tensor, not a second one
+    model = meta_model(name_or_path, kwargs)
+    skips = default_skips(model) if skips is None else skips
     params = dict(model.named_parameters())  # tied weights once, under their first name
     names: dict[str, str] = {}
     for f in files:
