@@ -1,9 +1,10 @@
 """SIGKILL at random moments, twenty times in one run, checkpoints written every step: the run folder always holds
 complete checkpoints only, and the run resumed after the last kill ends with the uninterrupted run's losses.
 
-Each segment of the run is a forked child of this process (the libraries already imported, so a segment starts
-in about a second), killed with SIGKILL by the parent at a random moment: while loading, stepping, or writing a
-checkpoint.
+Each segment of the run is a process forked by a multiprocessing forkserver that has the libraries imported (so a
+segment starts in about a second), killed with SIGKILL at a random moment: while loading, stepping, or writing a
+checkpoint. Not forked from the test process itself: that one has threads (pytest-xdist's, and what the reference
+run started), and a child forked while one of them held a lock can wait on it forever.
 """
 
 from __future__ import annotations
@@ -24,24 +25,42 @@ from qlora_core.loop.checkpoint import CHECKPOINTS, checkpoint_dirs
 KILLS = 20
 
 
-def segment(config: dict, out, resume: bool) -> int:
-    """Start one segment of the run in a forked child; returns its pid."""
-    pid = os.fork()
-    if pid == 0:  # the child: train until killed (or done)
-        code = 0
-        try:
-            if resume:
-                Job(resume=out).run()
-            else:
-                Job(config, output_dir=out, overwrite=True).run()
-        except BaseException:
-            import traceback
+_FORKSERVER = None
 
-            with open(errors_file(out), "a") as f:  # for the parent's assertion message
-                f.write(traceback.format_exc())
-            code = 1
-        os._exit(code)
-    return pid
+
+def _forkserver():
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import multiprocessing
+
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["torch", "transformers", "peft", "bitsandbytes", "datasets",
+                                            "qlora_core", "qlora_plugins.nf4", "qlora_plugins.fused_lora"])
+    return _FORKSERVER
+
+
+def _train(config: dict, out, resume: bool) -> None:
+    """A segment: train until killed (or done); exit code 1, and the traceback kept, if it raises."""
+    code = 0
+    try:
+        if resume:
+            Job(resume=out).run()
+        else:
+            Job(config, output_dir=out, overwrite=True).run()
+    except BaseException:
+        import traceback
+
+        with open(errors_file(out), "a") as f:  # for the parent's assertion message
+            f.write(traceback.format_exc())
+        code = 1
+    os._exit(code)
+
+
+def segment(config: dict, out, resume: bool):
+    """Start one segment of the run; returns its process (a ``multiprocessing`` process of the forkserver)."""
+    proc = _forkserver().Process(target=_train, args=(config, out, resume))
+    proc.start()
+    return proc
 
 
 def errors_file(out):
@@ -93,23 +112,26 @@ def test_twenty_random_kills_leave_only_complete_checkpoints_and_the_resume_is_e
     kills = partial_seen = 0
     fresh = True
     while kills < KILLS:
-        pid = segment(config, out, resume=resumable(out, fresh))
+        proc = segment(config, out, resume=resumable(out, fresh))
         time.sleep(rng.uniform(0.3, 2.5))
-        finished, status = os.waitpid(pid, os.WNOHANG)
-        if finished:  # it reached the end before the kill: start over, so that every kill lands in a live run
-            assert os.waitstatus_to_exitcode(status) == 0, segment_errors(out)
+        if not proc.is_alive():  # it reached the end before the kill: start over, so every kill lands in a live run
+            proc.join()
+            assert proc.exitcode == 0, segment_errors(out)
             fresh = True
             continue
         fresh = False
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
         kills += 1
         root = out / CHECKPOINTS
         partial_seen += bool(root.is_dir() and any(p.name.endswith(".partial") for p in root.iterdir()))
         assert_complete(out)
-    pid = segment(config, out, resume=resumable(out, fresh))
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, segment_errors(out)
+    proc = segment(config, out, resume=resumable(out, fresh))
+    proc.join(timeout=600)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+    assert proc.exitcode == 0, segment_errors(out)
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     got = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().split("\n")[:-1])
            if "loss" in r}
