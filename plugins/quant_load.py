@@ -123,10 +123,11 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str] | N
     model = meta_model(name_or_path, kwargs)
     skips = default_skips(model) if skips is None else skips
     params = dict(model.named_parameters())  # tied weights once, under their first name
-    names: dict[str, str] = {}
+    by_file: dict[Path, list[str]] = {}
     for f in files:
         with ShardReader(f) as st:
-            names.update({key: str(f) for key in st.keys()})
+            by_file[f] = st.keys()
+    names = {key for keys in by_file.values() for key in keys}
     extra = sorted(k for k in names if k not in params)
     missing = sorted(k for k in params if k not in names)
     if extra or missing:
@@ -147,11 +148,8 @@ def load_streamed(name_or_path: str, kwargs: dict[str, Any], skips: set[str] | N
                                   quant_type=quant.bnb_4bit_quant_type, quant_storage=storage, device="meta")
             setattr(parent, child, q)
             quantized[f"{name}.weight"] = q
-    by_file: dict[str, list[str]] = {}
-    for key, f in names.items():
-        by_file.setdefault(f, []).append(key)
     for f, keys in by_file.items():
-        with ShardReader(Path(f)) as st:
+        with ShardReader(f) as st:
             for key in keys:
                 owner_name, _, pname = key.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model
